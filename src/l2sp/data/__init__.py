@@ -1,0 +1,200 @@
+"""Datasets, the paper's split protocols and preprocessing, and the built-in Fashion-MNIST benchmark.
+
+``build_task(name, ...)`` returns a :class:`TaskData`: train / val / test datasets of ``(image, label)``
+items (test items are ``(10, C, H, W)`` with ``ten_crop=True``) and a JSON-serialisable ``split`` record
+(seed, file lists or indices, training mean) that each run saves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from l2sp.data import fashion_mnist, folders
+from l2sp.data.stats import cached_mean, streaming_mean
+from l2sp.data.transforms import NORMALIZATIONS, deterministic_transform, normalization_stats, paper_transform
+from l2sp.errors import L2SPError
+
+TASKS = ("fashion-mnist-source", "fashion-mnist-target", "imagefolder", "caltech101", "caltech256",
+         "indoor67", "dogs120", "food101")
+
+_COMMON = {"check", "cache", "mean_workers"}
+_OPTIONS = {
+    "fashion-mnist-source": set(), "fashion-mnist-target": set(),
+    "imagefolder": _COMMON | {"test_per_class", "recursive"},
+    "caltech101": _COMMON | {"test_per_class", "strict"},
+    "caltech256": _COMMON | {"test_per_class", "strict"},
+    "indoor67": _COMMON | {"strict"},
+    "food101": _COMMON | {"strict"},
+    "dogs120": _COMMON | {"strict", "test_per_class", "imagenet_val", "imagenet_val_labels"},
+}
+
+
+@dataclass
+class TaskData:
+    """One task's datasets. ``val`` may be empty (``val_per_class == 0``)."""
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    classes: list[str]
+    split: dict
+    in_channels: int = 3
+
+
+def build_task(name: str, *, root: str | None = None, n_per_class: int | None = None,
+               val_per_class: int | None = None, seed: int = 0, image_size: int | None = None,
+               resize: int | None = None, keep_aspect: bool = False, ten_crop: bool = False,
+               normalization: str = "train-mean", blur: bool = True, **options) -> TaskData:
+    """Build a task by name (see ``TASKS``).
+
+    Folder tasks take ``root`` (the downloaded dataset) and the extra options ``check`` ("header" | "full" |
+    "none": how unreadable files are detected), ``cache`` (cache the training mean, default True),
+    ``mean_workers``, ``strict`` (the protocol's class count is required), ``test_per_class``, and for
+    dogs120 ``imagenet_val`` / ``imagenet_val_labels``. Defaults: crop 224 after resize 256 (28 after 32 for
+    Fashion-MNIST); ``val_per_class`` 0 for folder tasks (carved from the n training images), 100 for
+    Fashion-MNIST (drawn from the remaining training images).
+    """
+    if name not in TASKS:
+        raise L2SPError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    unknown = sorted(set(options) - _OPTIONS[name])
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
+        raise L2SPError(f"unknown option(s) {', '.join(unknown)} for task {name!r}; "
+                        f"allowed extras: {allowed}")
+    if normalization not in NORMALIZATIONS:
+        raise L2SPError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    if name.startswith("fashion-mnist"):
+        return fashion_mnist.build(name.rsplit("-", 1)[1], root=root, n_per_class=n_per_class,
+                                   val_per_class=val_per_class, seed=seed, image_size=image_size,
+                                   resize=resize, ten_crop=ten_crop, normalization=normalization, blur=blur)
+
+    v = 0 if val_per_class is None else val_per_class
+    check = options.get("check", "header")
+    strict = options.get("strict", True)
+    common = {"n_per_class": n_per_class, "val_per_class": v, "seed": seed, "check": check}
+    if name == "imagefolder":
+        split = folders.imagefolder(root, test_per_class=options.get("test_per_class"),
+                                    recursive=options.get("recursive", True), **common)
+    elif name in ("caltech101", "caltech256"):
+        split = folders.caltech(name, root, test_per_class=options.get("test_per_class"), strict=strict,
+                                **common)
+    elif name == "indoor67":
+        split = folders.indoor67(root, strict=strict, **common)
+    elif name == "food101":
+        split = folders.food101(root, strict=strict, **common)
+    else:
+        split = folders.dogs120(root, imagenet_val=options.get("imagenet_val"),
+                                imagenet_val_labels=options.get("imagenet_val_labels"),
+                                test_per_class=options.get("test_per_class"), strict=strict, **common)
+    return folder_task(name, split, n_per_class=n_per_class, val_per_class=v, seed=seed,
+                       image_size=image_size, resize=resize, keep_aspect=keep_aspect, ten_crop=ten_crop,
+                       normalization=normalization, blur=blur, cache=options.get("cache", True),
+                       mean_workers=options.get("mean_workers", 0))
+
+
+class _Deterministic:
+    """i ↦ the i-th file decoded and resized (the deterministic part of the pipeline); picklable."""
+
+    def __init__(self, files: list[str], resize: int, keep_aspect: bool):
+        self.files, self.transform = files, deterministic_transform(resize, keep_aspect)
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.transform(folders.load_image(self.files[i])).as_subclass(torch.Tensor)
+
+
+def _rel(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
+
+
+def folder_task(name: str, split: folders.Split, *, n_per_class: int | None, val_per_class: int, seed: int,
+                image_size: int | None, resize: int | None, keep_aspect: bool, ten_crop: bool,
+                normalization: str, blur: bool, cache: bool = True, mean_workers: int = 0) -> TaskData:
+    """Attach the paper's transforms (and the cached training mean) to a folder split."""
+    crop = 224 if image_size is None else image_size
+    size = resize if resize is not None else (256 if image_size is None else round(crop * 256 / 224))
+    if size < crop:
+        raise L2SPError(f"resize={size} is smaller than image_size={crop}; use resize >= image_size")
+    if not split.train or not split.test:
+        raise L2SPError(f"{name}: the split has {len(split.train)} training and {len(split.test)} test "
+                        "images; check root= and the per-class numbers")
+    mean, key = None, None
+    if normalization == "train-mean":
+        files = [p for p, _ in split.train]
+        load = _Deterministic(files, size, keep_aspect)
+
+        def compute() -> list[float]:
+            return streaming_mean(len(files), load, 3, mean_workers)
+
+        payload = {"files": [_rel(p, split.root) for p in files], "root": str(Path(split.root).resolve()),
+                   "resize": size, "keep_aspect": keep_aspect}
+        mean, key = cached_mean(payload, compute, cache=cache)
+    stats = normalization_stats(normalization, 3, mean)
+    m, s = (None, None) if stats is None else stats
+    kw = {"crop": crop, "resize": size, "keep_aspect": keep_aspect, "mean": m, "std": s}
+    train = folders.FileDataset(split.train, paper_transform(True, blur=blur, **kw))
+    val = folders.FileDataset(split.val, paper_transform(False, **kw))
+    test = folders.FileDataset(split.test, paper_transform(False, ten_crop=ten_crop, **kw))
+    record = {
+        "task": name, "protocol": split.protocol, "seed": seed, "root": split.root, "classes": split.classes,
+        "n_per_class": n_per_class, "val_per_class": val_per_class, "image_size": crop, "resize": size,
+        "keep_aspect": keep_aspect, "ten_crop": ten_crop, "normalization": normalization, "blur": blur,
+        "train_mean": mean, "mean_cache_key": key,
+        **{part: [[_rel(p, split.root), c] for p, c in items]
+           for part, items in (("train", split.train), ("val", split.val), ("test", split.test))},
+    }
+    return TaskData(train=train, val=val, test=test, num_classes=len(split.classes), classes=split.classes,
+                    split=record)
+
+
+_TRANSFORM_KEYS = ("image_size", "resize", "ten_crop", "normalization", "blur")
+
+
+def task_from_split(split: dict, *, root: str | None = None, **overrides) -> TaskData:
+    """Rebuild the task a run recorded in ``split`` (e.g. its saved ``split.json``), with the same files.
+
+    ``root`` relocates a folder dataset (default: the recorded root); ``overrides`` change transform settings
+    (``ten_crop``, ``normalization``, ...). Fashion-MNIST splits are rebuilt from their seed and checked
+    against the recorded indices (or their sha256); a mismatch raises L2SPError.
+    """
+    name = split.get("task")
+    if name not in TASKS:
+        raise L2SPError(f"the split record names task {name!r}, not one of {', '.join(TASKS)}; "
+                        "pass the split dict a run saved")
+    settings = {k: split[k] for k in _TRANSFORM_KEYS if k in split}
+    unknown = sorted(set(overrides) - set(_TRANSFORM_KEYS) - {"keep_aspect"})
+    if unknown:
+        raise L2SPError(f"cannot override {', '.join(unknown)} of a recorded split; only "
+                        f"{', '.join(_TRANSFORM_KEYS)}, keep_aspect")
+    settings.update(overrides)
+    if name.startswith("fashion-mnist"):
+        task = build_task(name, root=root, n_per_class=split["n_per_class"],
+                          val_per_class=split["val_per_class"], seed=split["seed"], **settings)
+        for part in ("train", "val", "test"):
+            if task.split[part] != split[part]:
+                raise L2SPError(f"the {part} indices rebuilt from seed {split['seed']} differ from the "
+                                "record; the Fashion-MNIST files are not the recorded ones")
+        return task
+    base = root if root is not None else split["root"]
+
+    def absolute(items: list) -> list[folders.Sample]:
+        return [(p if os.path.isabs(p) else os.path.join(base, p), int(c)) for p, c in items]
+
+    parts = {part: absolute(split[part]) for part in ("train", "val", "test")}
+    missing = [p for items in parts.values() for p, _ in items if not os.path.isfile(p)]
+    if missing:
+        raise L2SPError(f"{len(missing)} recorded file(s) are missing, e.g. {missing[0]}; pass root= to "
+                        "where the dataset now lives")
+    rebuilt = folders.Split(list(split["classes"]), parts["train"], parts["val"], parts["test"], str(base),
+                            split.get("protocol", "recorded split"))
+    return folder_task(name, rebuilt, n_per_class=split.get("n_per_class"),
+                       val_per_class=split.get("val_per_class", 0), seed=split.get("seed", 0),
+                       keep_aspect=settings.pop("keep_aspect", split.get("keep_aspect", False)), **settings)
+
+
+__all__ = ["TASKS", "TaskData", "build_task", "folder_task", "task_from_split"]
