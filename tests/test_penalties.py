@@ -431,3 +431,22 @@ def test_errors_are_one_line():
     with pytest.raises(L2SPError) as info:
         l2sp.regularizer("l2-sp", model, {"x": torch.zeros(1)}, alpha=0.1, beta=0.01)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", l2sp.KINDS)
+def test_float32_value_is_accurate_on_large_tensors(kind):
+    """Ω of a float32 model with a 2.4M-element tensor matches float64 to 1e-6 (CPU float32 norms do not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 1024, 3), nn.Conv2d(1024, 4, 1))
+    w0 = l2sp.snapshot(model)
+    model[1] = nn.Conv2d(1024, 2, 1)
+    with torch.no_grad():
+        model[0].weight.add_(0.05 * torch.randn_like(model[0].weight))
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    reg = make(kind, model, w0, fisher)
+    ref_fisher = {k: v.double() for k, v in fisher.items()} if kind.endswith("fisher") else None
+    expected = reference_value(kind, model, {k: v.double() for k, v in w0.items()}, ref_fisher, 0.3, 0.05,
+                               eps=None if kind in SMOOTH_KINDS else 1e-16)
+    value = reg()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=1e-6)

@@ -215,10 +215,15 @@ class Regularizer(nn.Module):
         ps = self._shared_params or self._novel_params
         return torch.float64 if ps and ps[0].dtype == torch.float64 else torch.float32
 
+    def _norm_dtype(self, device: torch.device) -> torch.dtype:
+        """Reductions accumulate in float64 on the CPU, whose float32 norm loses ~1e-4 on 10M-element tensors."""
+        return torch.float64 if device.type == "cpu" else self._acc_dtype()
+
     def _value(self, b: _Block, eps: float | None) -> Tensor:
         """Ω on block b; eps=None gives the exact (unsmoothed) L1/GL value."""
-        acc = self._acc_dtype()
+        out_dtype = self._acc_dtype()
         device = (b.shared or b.novel)[0].device
+        acc = self._norm_dtype(device)
         total = torch.zeros((), dtype=acc, device=device)
         if b.shared and self.alpha:
             d = self._diff(b)
@@ -244,7 +249,7 @@ class Regularizer(nn.Module):
                 total = total + self.alpha * (b.group_scale.to(acc) * norms).sum()
         if b.novel and self.beta:
             total = total + self.beta / 2 * torch.stack(torch._foreach_norm(b.novel, 2, dtype=acc)).square().sum()
-        return total
+        return total.to(out_dtype)
 
     @torch.no_grad()
     def _add_scaled_grad(self, b: _Block, shared_out: list[Tensor], novel_out: list[Tensor], scale: float) -> None:

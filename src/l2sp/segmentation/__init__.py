@@ -1,0 +1,27 @@
+"""Semantic segmentation with L2-SP: the backbone is S (pulled toward its ImageNet weights w0 with α),
+the segmentation heads are S̄ (weight decay β).
+
+    model = build_segmentation_model("pspnet", 19, backbone="resnet101", backbone_weights="DEFAULT")
+    w0 = backbone_state_dict(torchvision.models.resnet101(weights="DEFAULT").state_dict())
+    reg = l2sp.regularizer("l2-sp", model, w0, alpha=1e-4, beta=1e-3)
+"""
+
+from l2sp.segmentation.data import CityscapesSegmentation, SBDSegmentation, cityscapes_train_id_lut
+from l2sp.segmentation.metrics import confusion_matrix, evaluate_segmentation, predict_probabilities, scores
+from l2sp.segmentation.models import (
+    PSPHead,
+    PyramidPooling,
+    backbone_names,
+    backbone_state_dict,
+    build_segmentation_model,
+    freeze_bn_statistics,
+    load_backbone,
+)
+from l2sp.segmentation.schedule import poly_lr
+from l2sp.segmentation.transforms import RandomScale, eval_transform, train_transform
+
+__all__ = ["CityscapesSegmentation", "PSPHead", "PyramidPooling", "RandomScale", "SBDSegmentation",
+           "backbone_names", "backbone_state_dict", "build_segmentation_model", "cityscapes_train_id_lut",
+           "confusion_matrix", "eval_transform", "evaluate_segmentation", "freeze_bn_statistics",
+           "load_backbone",
+           "poly_lr", "predict_probabilities", "scores", "train_transform"]

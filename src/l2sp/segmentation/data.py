@@ -1,0 +1,173 @@
+"""Segmentation datasets in their official layouts: Cityscapes (19 train ids), SBD (20 classes + background).
+
+- Cityscapes (``torchvision.datasets.Cityscapes`` layout):
+  ``ROOT/leftImg8bit/{split}/{city}/*_leftImg8bit.png``, ``ROOT/gtFine/{split}/{city}/*_gtFine_labelIds.png``.
+  The 34 label ids are mapped to the 19 train ids, every other id to the ignore index 255.
+- SBD (``torchvision.datasets.SBDataset`` layout, mode "segmentation"): ``ROOT/img/*.jpg``,
+  ``ROOT/cls/*.mat`` (``GTcls.Segmentation``, 0 = background, 1..20 the VOC classes; read with scipy),
+  ``ROOT/{train,val,train_noval}.txt``.
+
+Each item is ``(image, mask)`` passed through a joint ``transforms(image, mask)`` (see
+``l2sp.segmentation.transforms``); without transforms, a uint8 (3, H, W) ``tv_tensors.Image`` and an int64
+(H, W) ``tv_tensors.Mask``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from l2sp.errors import L2SPError
+from l2sp.segmentation.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MaskToLong,
+    RandomScale,
+    eval_transform,
+    train_transform,
+)
+
+IGNORE_INDEX = 255
+CITYSCAPES_CLASSES = 19
+SBD_CLASSES = 21  # background + the 20 VOC classes
+
+__all__ = ["CITYSCAPES_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "SBD_CLASSES",
+           "CityscapesSegmentation", "MaskToLong", "RandomScale", "SBDSegmentation", "SegmentationFiles",
+           "cityscapes_train_id_lut", "eval_transform", "train_transform"]
+
+JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cityscapes_train_id_lut(ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """256-entry uint8 table label id → train id (0..18), ``ignore_index`` for every id not evaluated."""
+    from torchvision.datasets import Cityscapes
+
+    lut = torch.full((256,), ignore_index, dtype=torch.uint8)
+    for c in Cityscapes.classes:
+        if c.id >= 0 and 0 <= c.train_id < CITYSCAPES_CLASSES and not c.ignore_in_eval:
+            lut[c.id] = c.train_id
+    return lut
+
+
+def _need_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise L2SPError(f"missing folder {path} ({what}); point root at the dataset in its official layout")
+
+
+def _need_files(paths: Sequence[str], what: str, where: Path) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise L2SPError(f"{len(missing)} {what} missing under {where}, e.g. {missing[0]}; "
+                        "re-extract the dataset in its official layout")
+
+
+class SegmentationFiles(Dataset):
+    """(image file, label file) pairs, a label reader returning a uint8 (H, W) tensor, a joint transform."""
+
+    num_classes: int = 0
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, images: Sequence[str], labels: Sequence[str],
+                 transforms: JointTransform | None = None):
+        self.images, self.labels = list(images), list(labels)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read_label(self, path: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.images[i]) as im:
+            image = tv_tensors.Image(pil_to_tensor(im.convert("RGB")))
+        label = self.read_label(self.labels[i])
+        if tuple(label.shape) != tuple(image.shape[-2:]):
+            raise L2SPError(f"label {self.labels[i]} is {tuple(label.shape)} but its image is "
+                            f"{tuple(image.shape[-2:])}; the dataset files do not match")
+        mask = tv_tensors.Mask(label)
+        if self.transforms is None:
+            return image, tv_tensors.Mask(label.long())
+        return self.transforms(image, mask)
+
+
+class CityscapesSegmentation(SegmentationFiles):
+    """Cityscapes fine (or coarse) annotations with the 19 train ids; ignore index 255."""
+
+    num_classes = CITYSCAPES_CLASSES
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", *, mode: str = "fine",
+                 transforms: JointTransform | None = None):
+        from torchvision.datasets import Cityscapes
+
+        root = Path(root)
+        splits = ("train", "val", "test") if mode == "fine" else ("train", "train_extra", "val")
+        if mode not in ("fine", "coarse"):
+            raise L2SPError(f"Cityscapes mode must be 'fine' or 'coarse', got {mode!r}")
+        if split not in splits:
+            raise L2SPError(f"Cityscapes {mode} split must be one of {', '.join(splits)}, got {split!r}")
+        _need_dir(root, "the Cityscapes root")
+        _need_dir(root / "leftImg8bit" / split, "Cityscapes images")
+        gt = "gtFine" if mode == "fine" else "gtCoarse"
+        _need_dir(root / gt / split, "Cityscapes labels")
+        tv = Cityscapes(str(root), split=split, mode=mode, target_type="semantic")
+        if not tv.images:
+            raise L2SPError(f"no image in {root / 'leftImg8bit' / split}/<city>/; expected "
+                            "<city>_<seq>_<frame>_leftImg8bit.png files")
+        labels = [t[0] for t in tv.targets]
+        _need_files(labels, f"{gt} *_labelIds.png label files", root / gt / split)
+        super().__init__(tv.images, labels, transforms)
+        self.lut = cityscapes_train_id_lut(self.ignore_index)
+
+    def read_label(self, path: str) -> torch.Tensor:
+        with Image.open(path) as im:
+            ids = torch.from_numpy(np.array(im))
+        if ids.dim() == 3:  # a label png saved as RGB: the id is in every channel
+            ids = ids[..., 0]
+        return self.lut[ids.long()]
+
+
+class SBDSegmentation(SegmentationFiles):
+    """Semantic Boundaries Dataset, class segmentation (0 background, 1..20), from the .mat files."""
+
+    num_classes = SBD_CLASSES
+
+    def __init__(self, root: str | os.PathLike, image_set: str = "train", *,
+                 transforms: JointTransform | None = None):
+        from torchvision.datasets import SBDataset
+
+        root = Path(root)
+        if image_set not in ("train", "val", "train_noval"):
+            raise L2SPError(f"SBD image_set must be train, val or train_noval, got {image_set!r}")
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError as exc:
+            raise L2SPError("reading SBD .mat labels needs scipy; pip install scipy") from exc
+        _need_dir(root, "the SBD root")
+        _need_dir(root / "img", "SBD images")
+        _need_dir(root / "cls", "SBD class labels (.mat)")
+        if not (root / f"{image_set}.txt").is_file():
+            raise L2SPError(f"missing split file {root / f'{image_set}.txt'}; it lists one image id per line")
+        tv = SBDataset(str(root), image_set=image_set, mode="segmentation", download=False)
+        if not tv.images:
+            raise L2SPError(f"{root / f'{image_set}.txt'} lists no image id")
+        _need_files(tv.images, "images (img/<id>.jpg)", root / "img")
+        _need_files(tv.masks, "labels (cls/<id>.mat)", root / "cls")
+        super().__init__(tv.images, tv.masks, transforms)
+
+    def read_label(self, path: str) -> torch.Tensor:
+        from scipy.io import loadmat
+
+        try:
+            seg = loadmat(path)["GTcls"][0]["Segmentation"][0]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise L2SPError(f"{path} has no GTcls.Segmentation array; is it an SBD cls/*.mat file?") from exc
+        return torch.from_numpy(seg.astype("uint8", copy=False))
