@@ -1,0 +1,307 @@
+"""The ``l2sp`` command: finetune, fisher, evaluate, analyze, search, demo, presets.
+
+Errors in the input print ``l2sp: error: <message>`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from l2sp.errors import L2SPError
+
+CONFIG_HELP = "a preset name (see `l2sp presets`) or a YAML file"
+OVERRIDE_HELP = "dotted overrides, e.g. reg.alpha=0.1 optim.steps=500 (values parsed as YAML)"
+
+
+def _print(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def _acc_line(r: dict) -> str:
+    parts = [
+        f"{k} {100 * r[k]:.2f}%"
+        for k in ("val_acc", "test_acc", "test_mean_per_class")
+        if r.get(k) is not None
+    ]
+    return ", ".join(parts) + f" ({r['steps']} steps, {r['images_per_s']:.0f} images/s) -> {r['run_dir']}"
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    p.add_argument("--out", help="run directory (default runs/NAME/seedSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="repeat with train.seed = 0..N-1 and write a mean ± std table (Markdown and CSV)",
+    )
+    p.add_argument("--light", action="store_true", help="no checkpoints or TensorBoard (many short runs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the result")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from l2sp.engine.run import finetune
+    from l2sp.experiments.seeds import light_overrides, run_seeds, summarize
+
+    ov = light_overrides(args.overrides, args.light)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise L2SPError(f"--seeds {args.seeds}: give the number of runs, at least 1")
+        from l2sp.engine.config import resolve
+
+        cfg = resolve(args.config, ov)
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        results = run_seeds(
+            cfg,
+            args.seeds,
+            task=None,
+            out=out,
+            quiet=args.quiet,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+        for r in results:
+            _print(f"seed {r['seed']}: {_acc_line(r)}", args.quiet)
+        print(summarize({cfg.name: results}, out / "summary"), end="")
+        _print(f"table: {out / 'summary.md'}, {out / 'summary.csv'}", args.quiet)
+        return 0
+    r = finetune(
+        args.config,
+        ov,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=True if args.quiet else None,
+    )
+    print(_acc_line(r))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- fisher
+def _add_fisher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help=CONFIG_HELP + " (uses model.* and data.source_task)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--method", default="exact", choices=["exact", "mc", "empirical"])
+    p.add_argument("--samples", type=int, default=1, help="labels drawn per example (method mc)")
+    p.add_argument("--max-examples", type=int, default=None, help="source examples used (default: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _fisher(args: argparse.Namespace) -> int:
+    import torch
+
+    from l2sp import fisher
+    from l2sp.engine.config import expand_path, resolve
+    from l2sp.engine.run import build_task, pick_device
+    from l2sp.models import pretrained
+
+    cfg = resolve(args.config, args.overrides)
+    if cfg.data.source_task is None:
+        raise L2SPError(
+            "the Fisher is estimated on the source task: set data.source_task=NAME, or call "
+            "l2sp.fisher.estimate(model, loader) in Python for your own source data"
+        )
+    if cfg.model.weights is None:
+        raise L2SPError("model.weights is empty: the Fisher needs the pre-trained source network")
+    device = pick_device(cfg.train.device)
+    src = build_task(cfg.data, source=True)
+    model = pretrained(
+        cfg.model.arch,
+        expand_path(cfg.model.weights),
+        src.num_classes,
+        getattr(src, "in_channels", 3),
+        cfg.model.options,
+    ).to(device)
+    loader = torch.utils.data.DataLoader(
+        src.train, batch_size=args.batch_size, shuffle=False, num_workers=cfg.data.num_workers
+    )
+    F = fisher.estimate(
+        model,
+        loader,
+        method=args.method,
+        samples=args.samples,
+        max_examples=args.max_examples,
+        device=device,
+        progress=not args.quiet,
+    )
+    path = fisher.save(
+        args.out, F, source_task=cfg.data.source_task, weights=cfg.model.weights, arch=cfg.model.arch
+    )
+    print(f"Fisher ({args.method}, {len(F)} tensors) -> {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--ten-crop", action="store_true", help="evaluate with 10 crops (rebuilds the task)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from l2sp.engine.evaluate import evaluate
+    from l2sp.engine.run import build_task, load_run, pick_device
+
+    run = load_run(args.run_dir)
+    device = pick_device(run.config.train.device)
+    run.device = device
+    if args.ten_crop:
+        run.config.data.ten_crop = True
+        run._task = build_task(run.config.data)
+    ds = getattr(run.task, args.split)
+    if len(ds) == 0:
+        raise L2SPError(f"the {args.split} split of {args.run_dir} is empty")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=run.config.eval.batch_size, num_workers=run.config.data.num_workers
+    )
+    r = evaluate(run.model, loader, device, run.task.num_classes, amp=run.config.train.amp)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(
+            f"{args.split}: top-1 {100 * r['top1']:.2f}%, mean per-class {100 * r['mean_per_class']:.2f}% "
+            f"({r['n']} images)"
+        )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- search
+def _add_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values to try for one key (repeatable), e.g. --grid reg.alpha=0.01,0.1,1",
+    )
+    p.add_argument("--metric", default="val_acc", choices=["val_acc", "val_mean_per_class"])
+    p.add_argument("--method", default="grid", choices=["grid", "optuna"])
+    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: the grid size)")
+    p.add_argument("--out", help="output directory (default runs/NAME-search)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _search(args: argparse.Namespace) -> int:
+    import yaml
+
+    from l2sp.engine.config import flatten
+    from l2sp.experiments.search import grid_search
+
+    grid = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise L2SPError(f"--grid {item!r} should be KEY=V1,V2,... e.g. reg.alpha=0.01,0.1,1")
+        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    best, rows = grid_search(
+        args.config,
+        grid,
+        args.overrides,
+        metric=args.metric,
+        out=args.out,
+        quiet=args.quiet,
+        method=args.method,
+        n_trials=args.trials,
+    )
+    flat = flatten(best.to_dict())
+    choice = " ".join(f"{k}={flat[k]}" for k in grid)
+    best_val = max(r[args.metric] for r in rows if r[args.metric] is not None)
+    print(f"best on the validation split ({args.metric} {100 * best_val:.2f}%): {choice}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def _presets(args: argparse.Namespace) -> int:
+    from l2sp.engine.config import preset_names, resolve
+
+    for name in preset_names():
+        if args.verbose:
+            c = resolve(name)
+            print(
+                f"{name:32s} {c.model.arch:14s} {c.data.task:22s} {c.reg.kind:13s} alpha={c.reg.alpha:g} "
+                f"beta={c.reg.beta:g} lr={c.optim.lr:g}"
+            )
+        else:
+            print(name)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``analyze`` and ``demo`` modules are imported only when ``command`` names them."""
+    from l2sp import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="l2sp", description="L2-SP fine-tuning: explicit inductive bias toward the pre-trained model."
+    )
+    parser.add_argument("--version", action="version", version=f"l2sp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add, fn, text in (
+        ("finetune", _add_finetune, _finetune, "fine-tune from a preset or YAML config"),
+        ("fisher", _add_fisher, _fisher, "estimate the diagonal Fisher of the source network"),
+        ("evaluate", _add_evaluate, _evaluate, "evaluate a finished run"),
+        ("search", _add_search, _search, "grid search over hyper-parameters on the validation split"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        add(p)
+        p.set_defaults(func=fn)
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per preset with its main settings")
+    p.set_defaults(func=_presets)
+    for name, module, text in (
+        ("analyze", "l2sp.analysis.command", "analyses of finished runs"),
+        ("demo", "l2sp.experiments.demo", "the built-in Fashion-MNIST benchmark"),
+    ):
+        p = sub.add_parser(name, help=text, description=text, add_help=command == name)
+        if command != name:
+            p.add_argument("args", nargs=argparse.REMAINDER)
+            continue
+        try:
+            mod = __import__(module, fromlist=["add_arguments"])
+        except ImportError:
+            p.set_defaults(func=lambda a, m=module: _missing(m))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def _missing(module: str) -> int:
+    raise L2SPError(f"this installation has no {module}; reinstall l2sp")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``l2sp`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except L2SPError as exc:
+        print(f"l2sp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("l2sp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Training-state checkpoints, written atomically and read back with ``weights_only=True``.
+
+A checkpoint holds the step, the model, optimizer, LR scheduler, AMP scaler and regularizer states and the
+RNG states of torch (CPU and CUDA), numpy and Python, so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from l2sp.errors import L2SPError
+from l2sp.io import atomic_torch_save
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global RNG is what user code seeds)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *map(float, np_state[2:4]),
+            float(np_state[4]),
+        ],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np_state = (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
+    np.random.set_state(np_state)  # noqa: NPY002
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save(path: str | Path, **state: Any) -> Path:
+    """Atomically write ``state`` plus the current RNG states."""
+    return atomic_torch_save(path, {**state, "rng": rng_state()})
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise L2SPError(f"no checkpoint at {path}; the run has not saved one yet (start it without --resume)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise L2SPError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); delete it and restart the run"
+        ) from exc
