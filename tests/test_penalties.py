@@ -450,3 +450,28 @@ def test_float32_value_is_accurate_on_large_tensors(kind):
     value = reg()
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_replaced_head_with_the_same_shape_is_novel():
+    """5 source classes -> 5 target classes: the new head matches w0 by name and shape, but is a new object."""
+    model = tiny_net(5)
+    w0 = l2sp.snapshot(model)
+    model[7] = nn.Linear(6, 5).to(torch.float64)
+    reg = l2sp.regularizer("l2-sp", model, w0, alpha=0.1, beta=0.01)
+    assert reg.novel == ["7.weight", "7.bias"]
+    # the same weights read back from a file: only names and shapes are known, so the head is shared
+    plain = l2sp.regularizer("l2-sp", model, {k: v.clone() for k, v in w0.items()}, alpha=0.1, beta=0.01)
+    assert "7.weight" in plain.shared
+    # a snapshot of another object (a deep copy) says nothing about this model's objects
+    import copy
+
+    copied = copy.deepcopy(model)
+    assert l2sp.regularizer("l2-sp", copied, w0, alpha=0.1, beta=0.01).novel == []
+
+
+def test_snapshot_is_a_plain_dict_that_saves_and_loads_safely(tmp_path):
+    w0 = l2sp.snapshot(tiny_net())
+    assert type(w0) is dict
+    torch.save(w0, tmp_path / "w0.pt")
+    loaded = torch.load(tmp_path / "w0.pt", weights_only=True)
+    assert loaded.keys() == w0.keys()

@@ -2,7 +2,8 @@
 
 A trainable parameter of the model belongs to **S** when the source holds an entry with the same name (after
 stripping wrapper prefixes such as ``module.`` or ``_orig_mod.``) and the same shape; every other trainable
-parameter is in **S̄** (the new head, new layers). With ``include="weights"`` only the weight tensors of
+parameter is in **S̄** (the new head, new layers). When the source is an :func:`snapshot` of the same model,
+a parameter object created after it (a replaced head with as many classes as the old one) is in S̄ too. With ``include="weights"`` only the weight tensors of
 convolution and linear layers of S are penalized (the authors' code); the other shared parameters are *free*.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -34,15 +36,40 @@ def strip_prefix(name: str) -> str:
         name = stripped
 
 
+# id(copy) -> (copy, parameter it was taken from), both weakly held: which object each snapshot tensor copied
+_ORIGIN: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _record_origin(copy: torch.Tensor, param: torch.Tensor) -> None:
+    key = id(copy)
+    _ORIGIN[key] = (weakref.ref(copy), weakref.ref(param))
+    weakref.finalize(copy, _ORIGIN.pop, key, None)
+
+
+def copied_from(copy: torch.Tensor, param: torch.Tensor) -> bool | None:
+    """True if ``copy`` was taken from ``param`` by :func:`snapshot`, False if from another object (alive or
+    not), None if unknown (a tensor that no snapshot made, e.g. loaded from a file)."""
+    entry = _ORIGIN.get(id(copy))
+    if entry is None or entry[0]() is not copy:
+        return None
+    return entry[1]() is param
+
+
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of ``module``'s parameters and buffers, keyed by their (unwrapped) names.
 
-    Take it *before* replacing the classifier: the new head then falls into S̄ by shape. The copies never
-    share storage with the module, so training cannot move the reference.
+    Take it *before* replacing the classifier: the new head then falls into S̄, by shape or, when it has as
+    many classes as the old one, because it is a new parameter object (the copies remember their origin).
+    The copies never share storage with the module, so training cannot move them.
     """
     if not isinstance(module, nn.Module):
         raise L2SPError(f"snapshot() takes an nn.Module, got {type(module).__name__}")
-    return {strip_prefix(k): v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
+    out = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        out[strip_prefix(k)] = copy = v.detach().clone()
+        if isinstance(v, nn.Parameter):
+            _record_origin(copy, v)
+    return out
 
 
 def load_source(source: Source) -> dict[str, torch.Tensor]:
@@ -67,7 +94,7 @@ def load_source(source: Source) -> dict[str, torch.Tensor]:
     for k, v in items:
         if not isinstance(v, torch.Tensor):
             raise L2SPError(f"source entry {k!r} is a {type(v).__name__}, not a tensor; pass a state dict")
-        out[strip_prefix(str(k))] = v.detach()
+        out[strip_prefix(str(k))] = v.detach() if v.requires_grad else v  # keep snapshot tensors' identity
     return out
 
 
@@ -107,11 +134,17 @@ def partition(model: nn.Module, source: Mapping[str, torch.Tensor] | None, inclu
     if not params:
         raise L2SPError("the model has no trainable parameter (all have requires_grad=False); nothing to penalize")
     weights = {strip_prefix(n) for n in weight_names(model)} if include == "weights" else None
+    # with a snapshot of this very model, a parameter created after it (a new head) is novel whatever its
+    # shape; a snapshot of another model object (a copy) gives no such information: names and shapes decide
+    origins = {} if source is None else {n: copied_from(source[strip_prefix(n)], p)
+                                         for n, p in params if strip_prefix(n) in source}
+    same_objects = any(origins.values())
     shared, novel, free = [], [], []
     for name, p in params:
         key = strip_prefix(name)
         ref = None if source is None else source.get(key)
-        if source is None or (ref is not None and tuple(ref.shape) == tuple(p.shape)):
+        replaced = same_objects and origins.get(name) is False
+        if source is None or (ref is not None and tuple(ref.shape) == tuple(p.shape) and not replaced):
             if ref is not None and _shares_storage(ref, p):
                 raise L2SPError(
                     f"source tensor {key!r} shares storage with the live parameter, so the penalty would "
