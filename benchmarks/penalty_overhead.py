@@ -111,7 +111,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--models", default=None, help="comma-separated; default: CPU small,resnet18; CUDA resnet50,resnet101")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated; default: CPU small,resnet18; CUDA resnet50,resnet101")
     ap.add_argument("--batch", type=int, default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()

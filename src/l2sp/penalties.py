@@ -301,7 +301,8 @@ class Regularizer(nn.Module):
             elif k == "gl-sp":  # w0 + d·max(0, 1 − t s_g/‖d_g‖) = w − d·min(1, t s_g/‖d_g‖)
                 d = self._diff(b)
                 norms = self._group_sq_norms(b, torch._foreach_mul(d, d)).sqrt()
-                shrink = torch.where(norms > 0, (t * b.group_scale.to(norms.dtype) / norms).clamp(max=1.0), torch.zeros_like(norms))
+                ratio = (t * b.group_scale.to(norms.dtype) / norms).clamp(max=1.0)
+                shrink = torch.where(norms > 0, ratio, torch.zeros_like(norms))
                 torch._foreach_addcmul_(b.shared, d, self._per_tensor(b, shrink.to(d[0].dtype)), value=-1.0)
             else:
                 raise L2SPError(f"mode='proximal' has no closed form for {k!r}; use mode='coupled'")

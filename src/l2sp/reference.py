@@ -3,8 +3,9 @@
 A trainable parameter of the model belongs to **S** when the source holds an entry with the same name (after
 stripping wrapper prefixes such as ``module.`` or ``_orig_mod.``) and the same shape; every other trainable
 parameter is in **S̄** (the new head, new layers). When the source is an :func:`snapshot` of the same model,
-a parameter object created after it (a replaced head with as many classes as the old one) is in S̄ too. With ``include="weights"`` only the weight tensors of
-convolution and linear layers of S are penalized (the authors' code); the other shared parameters are *free*.
+a parameter object created after it (a replaced head with as many classes as the old one) is in S̄ too.
+With ``include="weights"`` only the weight tensors of convolution and linear layers of S are penalized (the
+authors' code); the other shared parameters are *free*.
 """
 
 from __future__ import annotations
