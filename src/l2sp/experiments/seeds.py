@@ -6,8 +6,6 @@ mean ± sample standard deviation (ddof = 1; 0 for a single run), accuracies in 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -75,14 +73,12 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return m, s, len(v)
 
 
-def summarize(
-    results: dict[str, list[dict]] | list[dict],
-    path: str | Path | None = None,
-    metrics: Sequence[str] = METRICS,
-    scale: float = 100.0,
-) -> str:
+def summarize(results: dict[str, list[dict]] | list[dict], path: str | Path | None = None,
+              metrics: Sequence[str] = METRICS, scale: float = 100.0) -> str:
     """A mean ± std table, one row per configuration (``{name: [results]}``, or one list grouped by
     ``name``); accuracies × ``scale`` (%). Writes ``PATH.md`` and ``PATH.csv`` when ``path`` is given."""
+    from l2sp.analysis import tables
+
     if isinstance(results, list):
         groups: dict[str, list[dict]] = {}
         for r in results:
@@ -90,25 +86,18 @@ def summarize(
     else:
         groups = results
     metrics = [m for m in metrics if any(m in r for rs in groups.values() for r in rs)]
-    header = ["config", "n", *metrics]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows = []
+    shown, numbers = [], []
     for name, rs in groups.items():
-        cells, row = [], {"config": name, "n": len(rs)}
+        row, num = {"config": name, "n": len(rs)}, {"config": name, "n": len(rs)}
         for m in metrics:
             mu, sd, _ = mean_std(r.get(m) for r in rs)
-            cells.append(f"{mu * scale:.2f} ± {sd * scale:.2f}")
-            row[f"{m}_mean"], row[f"{m}_std"] = mu * scale, sd * scale
-        md.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
-        rows.append(row)
-    text = "\n".join(md) + "\n"
+            row[m] = f"{mu * scale:.2f} ± {sd * scale:.2f}"
+            num[f"{m}_mean"], num[f"{m}_std"] = mu * scale, sd * scale
+        shown.append(row)
+        numbers.append(num)
+    text = tables.markdown_table(shown)
     if path is not None:
         path = Path(path)
-        buf = io.StringIO()
-        fields = ["config", "n"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
         atomic_write_text(path.with_suffix(".md"), text)
-        atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
+        tables.write_csv(path.with_suffix(".csv"), numbers)
     return text
