@@ -16,7 +16,8 @@ L1-SP and GL-SP are not differentiable at w0, where fine-tuning starts. As in th
 the unsmoothed value, and ``mode="proximal"`` uses the exact proximal operators instead.
 
 Every per-step computation is a handful of multi-tensor (``torch._foreach_*``) kernels, whatever the number
-of parameter tensors.
+of parameter tensors. Memory: one copy of w_S (plus F for the Fisher kinds); the L1/GL kinds also keep two
+work buffers of the size of S, reused at every step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -65,6 +66,7 @@ class _Block:
     rows: list[int]                 # GL kinds: number of groups in each tensor of S
     row_shapes: list[tuple[int, ...]]  # GL kinds: shape that broadcasts a per-group value over a tensor
     novel: list[Tensor]             # parameters of S̄
+    scratch: dict = field(default_factory=dict)  # L1/GL kinds: reused work buffers (see _work)
 
 
 def _grads(params: list[Tensor]) -> list[Tensor]:
@@ -202,6 +204,35 @@ class Regularizer(nn.Module):
     def _diff(self, b: _Block) -> list[Tensor]:
         return torch._foreach_sub(b.shared, b.ref) if b.ref is not None else list(b.shared)
 
+    def _work(self, b: _Block, slot: str) -> tuple[Tensor | None, list[Tensor]]:
+        """A work buffer shaped like S, reused from step to step: (flat tensor, per-parameter views).
+
+        The non-quadratic kinds need two temporaries of the size of S per step; allocating them afresh costs
+        page faults on the CPU, and the flat layout lets the group sums skip a concatenation. A block whose
+        parameters mix dtypes gets fresh tensors (flat None)."""
+        if slot not in b.scratch:
+            like = b.shared
+            if len({t.dtype for t in like}) > 1 or len({t.device for t in like}) > 1:
+                return None, [torch.empty_like(t) for t in like]
+            flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+            views = [v.view(t.shape) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+            b.scratch[slot] = (flat, views)
+        return b.scratch[slot]
+
+    def _diff_into(self, b: _Block, slot: str) -> tuple[Tensor | None, list[Tensor]]:
+        """d = w − w0 written into a work buffer."""
+        flat, d = self._work(b, slot)
+        torch._foreach_copy_(d, b.shared)
+        if b.ref is not None:
+            torch._foreach_sub_(d, b.ref)
+        return flat, d
+
+    def _group_sums(self, b: _Block, flat: Tensor | None, parts: list[Tensor]) -> Tensor:
+        """Σ_{j∈g} of a work buffer, per group (no concatenation when the buffer is flat)."""
+        if flat is None:
+            return self._group_sq_norms(b, parts)
+        return torch.segment_reduce(flat, "sum", lengths=b.group_len)
+
     def _group_sq_norms(self, b: _Block, weighted_sq: list[Tensor]) -> Tensor:
         """Σ_{j∈g} (F_j) d_j² for every group g, in order: one concatenation and one segment reduction."""
         flat = torch.cat([t.reshape(-1) for t in weighted_sq])
@@ -265,18 +296,28 @@ class Regularizer(nn.Module):
                 torch._foreach_addcmul_(shared_out, b.fisher, b.shared, value=a)
                 torch._foreach_addcmul_(shared_out, b.fisher, b.ref, value=-a)
             elif k == "l1-sp":  # α d / √(d² + ε)
-                d = self._diff(b)
-                den = torch._foreach_mul(d, d)
+                _, d = self._diff_into(b, "d")
+                _, den = self._work(b, "t")
+                torch._foreach_copy_(den, d)
+                torch._foreach_mul_(den, d)
                 torch._foreach_add_(den, self.eps)
                 torch._foreach_sqrt_(den)
                 torch._foreach_clamp_min_(den, torch.finfo(den[0].dtype).tiny)
                 torch._foreach_addcdiv_(shared_out, d, den, value=a)
             else:  # α s_g (F) d / √(Σ_g (F) d² + ε)
-                d = self._diff(b)
-                fd = torch._foreach_mul(d, b.fisher) if b.fisher is not None else d
-                g = self._group_sq_norms(b, torch._foreach_mul(d, fd))
+                _, d = self._diff_into(b, "d")
+                flat, t = self._work(b, "t")
+                torch._foreach_copy_(t, d)
+                torch._foreach_mul_(t, d)
+                if b.fisher is not None:
+                    torch._foreach_mul_(t, b.fisher)
+                g = self._group_sums(b, flat, t)
                 coef = a * b.group_scale.to(g.dtype) / (g + self.eps).sqrt().clamp_min(torch.finfo(g.dtype).tiny)
-                torch._foreach_addcmul_(shared_out, fd, self._per_tensor(b, coef.to(fd[0].dtype)))
+                if b.fisher is not None:  # the gradient direction is F·d: reuse the buffer
+                    torch._foreach_copy_(t, d)
+                    torch._foreach_mul_(t, b.fisher)
+                    d = t
+                torch._foreach_addcmul_(shared_out, d, self._per_tensor(b, coef.to(d[0].dtype)))
         if b.novel and self.beta:
             torch._foreach_add_(novel_out, b.novel, alpha=self.beta * scale)
 
@@ -294,13 +335,16 @@ class Regularizer(nn.Module):
                 weight = torch._foreach_div(tf, torch._foreach_add(tf, 1.0))
                 torch._foreach_lerp_(b.shared, b.ref, weight)
             elif k == "l1-sp":  # w0 + sign(d)·max(|d| − t, 0) = w − clamp(d, −t, t)
-                d = self._diff(b)
+                _, d = self._diff_into(b, "d")
                 torch._foreach_clamp_min_(d, -t)
                 torch._foreach_clamp_max_(d, t)
                 torch._foreach_sub_(b.shared, d)
             elif k == "gl-sp":  # w0 + d·max(0, 1 − t s_g/‖d_g‖) = w − d·min(1, t s_g/‖d_g‖)
-                d = self._diff(b)
-                norms = self._group_sq_norms(b, torch._foreach_mul(d, d)).sqrt()
+                _, d = self._diff_into(b, "d")
+                flat, sq = self._work(b, "t")
+                torch._foreach_copy_(sq, d)
+                torch._foreach_mul_(sq, d)
+                norms = self._group_sums(b, flat, sq).sqrt()
                 ratio = (t * b.group_scale.to(norms.dtype) / norms).clamp(max=1.0)
                 shrink = torch.where(norms > 0, ratio, torch.zeros_like(norms))
                 torch._foreach_addcmul_(b.shared, d, self._per_tensor(b, shrink.to(d[0].dtype)), value=-1.0)
