@@ -19,7 +19,7 @@ from l2sp.data.transforms import NORMALIZATIONS, deterministic_transform, normal
 from l2sp.errors import L2SPError
 
 TASKS = ("fashion-mnist-source", "fashion-mnist-target", "imagefolder", "caltech101", "caltech256",
-         "indoor67", "dogs120", "food101")
+         "indoor67", "dogs120", "food101", "imagenet-subset")
 
 _COMMON = {"check", "cache", "mean_workers"}
 _OPTIONS = {
@@ -30,6 +30,7 @@ _OPTIONS = {
     "indoor67": _COMMON | {"strict"},
     "food101": _COMMON | {"strict"},
     "dogs120": _COMMON | {"strict", "test_per_class", "imagenet_val", "imagenet_val_labels"},
+    "imagenet-subset": _COMMON | {"strict", "test_per_class", "index"},
 }
 
 
@@ -74,6 +75,12 @@ def build_task(name: str, *, root: str | None = None, n_per_class: int | None = 
                                    resize=resize, ten_crop=ten_crop, normalization=normalization, blur=blur)
 
     v = 0 if val_per_class is None else val_per_class
+    if name == "imagenet-subset":  # labels = ImageNet-1k indices (l2sp.data.imagenet_subset)
+        from l2sp.data import imagenet_subset
+
+        return imagenet_subset.build(root, n_per_class=n_per_class, val_per_class=v, seed=seed,
+                                     image_size=image_size, resize=resize, keep_aspect=keep_aspect,
+                                     ten_crop=ten_crop, normalization=normalization, blur=blur, **options)
     check = options.get("check", "header")
     strict = options.get("strict", True)
     common = {"n_per_class": n_per_class, "val_per_class": v, "seed": seed, "check": check}
