@@ -173,3 +173,23 @@ def test_resume_after_killing_the_process(cfg, tmp_path):
     ra = json.loads((tmp_path / "full" / "results.json").read_text())
     rb = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert ra["test_acc"] == rb["test_acc"] and ra["final_loss"] == rb["final_loss"]
+
+
+def test_fisher_command_with_truncated_classes_and_source_root(tmp_path, capsys):
+    """`l2sp fisher` on the built-in source task: --classes/--tail-samples reach the estimator, and
+    data.source_root is where the source task is read from (a wrong folder is named in the error)."""
+    from l2sp.fisher import load
+
+    torch.manual_seed(0)
+    src = tmp_path / "source.safetensors"
+    save_tensors(src, small_resnet(5, 1, widths=(8, 8, 16)).state_dict())
+    overrides = [f"model.weights={src}", "model.options={widths: [8, 8, 16]}"]
+    options = ["--max-examples", "32", "--batch-size", "16", "-q"]
+    out = ["--out", str(tmp_path / "f.safetensors")]
+    assert main(["fisher", "fashion-mnist", *overrides, *options, *out, "--classes", "2", "--tail-samples", "1"]) == 0
+    fisher = load(tmp_path / "f.safetensors")
+    assert fisher.metadata["examples"] == 32 and fisher.metadata.get("classes") == 2
+    assert all(torch.isfinite(v).all() and (v >= 0).all() for v in fisher.values())
+    missing = tmp_path / "no-such-folder"
+    assert main(["fisher", "fashion-mnist", *overrides, f"data.source_root={missing}", *options, *out]) == 2
+    assert str(missing) in capsys.readouterr().err

@@ -96,6 +96,10 @@ def _add_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="exact", choices=["exact", "mc", "empirical"])
     p.add_argument("--samples", type=int, default=1, help="labels drawn per example (method mc)")
     p.add_argument("--max-examples", type=int, default=None, help="source examples used (default: all)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="method exact: keep the classes with the largest Fisher share per example (many classes)")
+    p.add_argument("--tail-samples", type=int, default=1,
+                   help="with --classes: classes drawn from the rest per example (keeps the estimate unbiased)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -134,6 +138,7 @@ def _fisher(args: argparse.Namespace) -> int:
         method=args.method,
         samples=args.samples,
         max_examples=args.max_examples,
+        **({"classes": args.classes, "tail_samples": args.tail_samples} if args.classes else {}),
         device=device,
         progress=not args.quiet,
     )

@@ -54,6 +54,8 @@ class DataConfig:
     blur: bool = True
     options: dict = field(default_factory=dict)
     source_task: str | None = None  # the pre-training task (analyses, Fisher), if built-in
+    source_root: str | None = None  # its folder (default: data.root)
+    source_options: dict = field(default_factory=dict)  # its extra build_task options
     num_workers: int = 0
 
 

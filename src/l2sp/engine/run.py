@@ -66,7 +66,9 @@ def build_task(data: Any, *, source: bool = False) -> Any:
             ) from exc
     root = expand_path(data.root)
     if source:
-        return _build(name, root=root, seed=data.split_seed, normalization=data.normalization)
+        return _build(name, root=expand_path(data.source_root) or root, seed=data.split_seed,
+                      normalization=data.normalization, image_size=data.image_size, resize=data.resize,
+                      **data.source_options)
     return _build(
         name,
         root=root,
