@@ -163,30 +163,9 @@ def run_overrides(
 
 
 def summarize(rows: list[dict], source: dict) -> str:
-    """Markdown table: mean ± std over seeds (one value with one seed)."""
-    lines = [
-        "| penalty | seeds | target top-1 % | mean per-class % | source drop, 1000-way (pts) | "
-        "source drop, 200-way (pts) | 200-way drop with source BN stats (pts) | train min/run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["run"], []).append(r)
-
-    def ms(v: list[float]) -> str:
-        return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-
-    for kind, rs in by.items():
-        cells = [
-            ms([100 * r["test_acc"] for r in rs]),
-            ms([100 * r["test_mean_per_class"] for r in rs]),
-            ms([source["src1000"] - r["src1000"] for r in rs]),
-            ms([source["src200"] - r["src200"] for r in rs]),
-            ms([source["src200"] - r["src200_srcbn"] for r in rs]),
-            f"{statistics.mean(r['train_time_s'] for r in rs) / 60:.1f}",
-        ]
-        lines.append(f"| {kind} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The GPU script's table (mean ± std over seeds), from ``l2sp.finetune`` results."""
+    return gpu.summarize([{**r, "test_top1": 100 * r["test_acc"], "test_mean_per_class": 100 * r["test_mean_per_class"],
+                           "train_s": r["train_time_s"]} for r in rows], source)
 
 
 def main(argv: list[str] | None = None) -> None:
