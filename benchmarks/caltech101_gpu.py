@@ -604,15 +604,16 @@ def estimate_fisher(
 def summarize(rows: list[dict], source: dict) -> str:
     """Markdown table: target top-1 mean ± std over seeds, source drop (1000-way and 200-way, and 200-way
     with the source BatchNorm statistics restored)."""
-    lines = [
-        "| run | seeds | target top-1 % | mean per-class % | source drop, 1000-way | source drop, 200-way | "
-        "200-way drop, source BN stats | train s/run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
     by: dict[str, list[dict]] = {}
     for r in rows:
         if "test_top1" in r:
             by.setdefault(r["run"], []).append(r)
+    with_val = any("val_top1" in r for rs in by.values() for r in rs)
+    lines = [
+        "| run | seeds | " + ("val top-1 % | " if with_val else "") + "target top-1 % | mean per-class % | "
+        "source drop, 1000-way | source drop, 200-way | 200-way drop, source BN stats | train s/run |",
+        "|---|---:|" + ("---:|" if with_val else "") + "---:|---:|---:|---:|---:|---:|",
+    ]
 
     def ms(v: list[float]) -> str:
         if not v:
@@ -620,7 +621,8 @@ def summarize(rows: list[dict], source: dict) -> str:
         return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
     for kind, rs in by.items():
-        cells = [
+        cells = [ms([r["val_top1"] for r in rs if "val_top1" in r])] if with_val else []
+        cells += [
             ms([r["test_top1"] for r in rs]),
             ms([r["test_mean_per_class"] for r in rs]),
             ms([source["src1000"] - r["src1000"] for r in rs if "src1000" in r]),

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import caltech101_gpu as gpu  # noqa: E402  (pack helpers)
 
+from l2sp import L2SPError  # noqa: E402
 from l2sp.data import TaskData  # noqa: E402
 from l2sp.data.fashion_mnist import InMemoryImages  # noqa: E402
 from l2sp.data.imagenet_subset import local_labels  # noqa: E402
@@ -111,6 +112,32 @@ def source_scores(model: torch.nn.Module, data: dict, batches: list) -> dict[str
     return {"src1000": 100 * hit1000 / n, "src200": 100 * hit200 / n}
 
 
+def estimate_fisher(source: torch.nn.Module, data: dict, args: argparse.Namespace, out: Path, src: dict) -> Path:
+    """The source network's exact Fisher (truncated to ``--fisher-classes`` + 2 drawn per example) on
+    ``--fisher-examples`` Tiny ImageNet training images at the crop size, saved under ``out``."""
+    import l2sp
+
+    t0 = time.time()
+    fx = gpu.center(data["fisher_x"][: args.fisher_examples], args.image_size)
+    fisher = l2sp.fisher.estimate(
+        source,
+        [fx[s : s + 50] for s in range(0, len(fx), 50)],
+        method="exact",
+        classes=args.fisher_classes,
+        tail_samples=2,
+        progress=False,
+    )
+    path = l2sp.fisher.save(
+        out / "fisher-mobilenet_v2-tiny.safetensors",
+        fisher,
+        source="tiny-imagenet train",
+        size=args.image_size,
+        **fisher.metadata,
+    )
+    src["fisher_s"] = time.time() - t0
+    return path
+
+
 def time_step(crop: int, batch: int, steps: int = 6) -> float:
     """Median seconds of one MobileNetV2 SGD step (101 classes, channels_last) on this machine, now."""
     import torchvision
@@ -130,12 +157,25 @@ def time_step(crop: int, batch: int, steps: int = 6) -> float:
     return statistics.median(ts[2:])
 
 
-def run_overrides(
-    kind: str, seed: int, args: argparse.Namespace, weights: Path, fisher: Path | None, steps: int, lr: float
-) -> dict:
-    """The CPU preset with the penalty (and freezing / BN mode) of ``KINDS[kind]``'s preset."""
-    from l2sp.engine.config import resolve
+def parse_run(spec: str) -> tuple[str, dict[str, str]]:
+    """``"l2-sp:reg.alpha=0.01:train.bn=frozen"`` → ``("l2-sp", {"reg.alpha": 0.01, "train.bn": "frozen"})``:
+    a kind of ``KINDS`` and overrides for that run only."""
+    from l2sp.engine.config import parse_overrides
 
+    kind, *items = spec.split(":")
+    if kind not in gpu.KINDS:
+        raise L2SPError(f"unknown run kind {kind!r} in {spec!r}; choose from {', '.join(gpu.KINDS)}")
+    return kind, parse_overrides(items)
+
+
+def run_overrides(
+    spec: str, seed: int, args: argparse.Namespace, weights: Path, fisher: Path | None, steps: int, lr: float
+) -> dict:
+    """The CPU preset with the penalty (and freezing / BN mode) of the run's ``KINDS`` preset, the script's
+    settings, ``--set``, then the run's own overrides (``kind:key=value:...``)."""
+    from l2sp.engine.config import parse_overrides, resolve
+
+    kind, run_extra = parse_run(spec)
     preset, extra = gpu.KINDS[kind]
     ref = resolve(preset, extra)
     over = {f"reg.{k}": v for k, v in dataclasses.asdict(ref.reg).items()}
@@ -151,21 +191,37 @@ def run_overrides(
             "optim.batch_size": args.batch,
             "data.image_size": args.image_size,
             "data.resize": args.resize,
-            "name": f"{kind}-seed{seed}",
+            "data.val_per_class": args.holdout,
+            "name": f"{run_name(spec)}-seed{seed}",
         }
     )
     if ref.reg.kind.endswith("fisher"):
         over["reg.fisher"] = str(fisher)
-    for item in args.set:
-        k, _, v = item.partition("=")
-        over[k] = v
+    over.update(parse_overrides(args.set))
+    over.update(run_extra)
+    if "optim.steps" in run_extra and "optim.milestones" not in run_extra:  # lr/10 after two thirds
+        over["optim.milestones"] = [max(1, round(int(run_extra["optim.steps"]) * 2 / 3))]
     return over
+
+
+def run_name(spec: str) -> str:
+    """A folder-safe name for a run spec."""
+    return spec.replace(":", "_").replace("/", "-")
 
 
 def summarize(rows: list[dict], source: dict) -> str:
     """The GPU script's table (mean ± std over seeds), from ``l2sp.finetune`` results."""
-    return gpu.summarize([{**r, "test_top1": 100 * r["test_acc"], "test_mean_per_class": 100 * r["test_mean_per_class"],
-                           "train_s": r["train_time_s"]} for r in rows], source)
+    rows = [
+        {
+            **r,
+            "test_top1": 100 * r["test_acc"],
+            "test_mean_per_class": 100 * r["test_mean_per_class"],
+            "train_s": r["train_time_s"],
+            **({"val_top1": 100 * r["val_acc"]} if r.get("val_acc") is not None else {}),
+        }
+        for r in rows
+    ]
+    return gpu.summarize(rows, source)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", default=str(gpu.SHARED / "data" / "tiny-imagenet"))
     ap.add_argument("--weights", default=str(gpu.SHARED / "weights" / gpu.WEIGHTS_FILE))
     ap.add_argument("--out", default="runs/caltech101-cpu")
-    ap.add_argument("--kinds", default="l2,l2-sp,l2-sp-fisher")
+    ap.add_argument(
+        "--kinds",
+        default="l2,l2-sp,l2-sp-fisher",
+        help="runs, comma-separated: a kind, optionally with its own overrides (l2-sp:reg.alpha=0.01)",
+    )
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", default="auto", help="SGD steps per run, or 'auto' (fill --budget-min)")
     ap.add_argument("--budget-min", type=float, default=28.0, help="wall-clock budget of the whole benchmark")
@@ -194,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--source-per-class", type=int, default=20, help="Tiny ImageNet val images per class")
     ap.add_argument("--fisher-examples", type=int, default=400)
     ap.add_argument("--fisher-classes", type=int, default=8)
+    ap.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="train every run on 30 - HOLDOUT images per class and report the held-out validation accuracy",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="override for every run, e.g. train.bn=frozen")
     args = ap.parse_args(argv)
@@ -210,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (pack / gpu.PACK_FILE).is_file():
         gpu.make_pack(args.caltech, args.tiny, args.weights, pack)
     data = load(pack, args.resize, args.image_size, args.source_per_class)
-    task = memory_task(data, args.image_size)
+    task = memory_task(data, args.image_size, args.holdout)
     weights = pack / gpu.WEIGHTS_FILE
     print(
         f"data: {len(task.train)} train / {len(task.test)} test Caltech-101 images at {args.resize}² "
@@ -222,35 +288,24 @@ def main(argv: list[str] | None = None) -> None:
     source = pretrained("mobilenet_v2", str(weights), 1000).eval()
     batches = source_batches(data)
     src = source_scores(source, data, batches)
-    t0 = time.time()
-    fx = gpu.center(data["fisher_x"][: args.fisher_examples], args.image_size)
-    fisher = l2sp.fisher.estimate(
-        source,
-        [fx[s : s + 50] for s in range(0, len(fx), 50)],
-        method="exact",
-        classes=args.fisher_classes,
-        tail_samples=2,
-        progress=False,
-    )
-    fisher_path = l2sp.fisher.save(
-        out / "fisher-mobilenet_v2-tiny.safetensors",
-        fisher,
-        source="tiny-imagenet train",
-        size=args.image_size,
-        **fisher.metadata,
-    )
-    src["fisher_s"] = time.time() - t0
-    print(
-        f"source network on {len(data['tiny_y'])} Tiny ImageNet val images at {args.image_size}²: "
-        f"{src['src1000']:.1f} % (1000-way), {src['src200']:.1f} % (200-way); Fisher on {len(fx)} Tiny "
-        f"ImageNet training images ({fisher.metadata.get('method')}, {args.fisher_classes} classes + 2 drawn "
-        f"per example) in {src['fisher_s']:.0f} s",
-        flush=True,
-    )
-
     kinds = [k for k in args.kinds.split(",") if k]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     runs = [(k, s) for s in seeds for k in kinds]
+    fisher_path = None
+    if any("fisher" in parse_run(k)[0] for k in kinds):
+        fisher_path = estimate_fisher(source, data, args, out, src)
+    print(
+        f"source network on {len(data['tiny_y'])} Tiny ImageNet val images at {args.image_size}²: "
+        f"{src['src1000']:.1f} % (1000-way), {src['src200']:.1f} % (200-way)"
+        + (
+            f"; Fisher on {args.fisher_examples} Tiny ImageNet training images (exact, {args.fisher_classes} "
+            f"classes + 2 drawn per example) in {src['fisher_s']:.0f} s"
+            if fisher_path
+            else ""
+        ),
+        flush=True,
+    )
+
     deadline = t_start + args.budget_min * 60
     per_eval = None
     step_s = None
@@ -260,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         for lr in [float(v) for v in args.lr_grid.split(",")]:
             over = run_overrides(args.probe_kind, 0, args, weights, fisher_path, args.probe_steps, lr)
             over["eval.splits"] = ["val"]
+            over["data.val_per_class"] = args.val_per_class
             t0 = time.time()
             try:
                 r = l2sp.finetune(
@@ -321,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skipping {kind}/seed{seed}: it would end past the time budget", flush=True)
             continue
         over = run_overrides(kind, seed, args, weights, fisher_path, steps, lr)
-        run_dir = out / f"{kind}-seed{seed}"
+        run_dir = out / f"{run_name(kind)}-seed{seed}"
         r = l2sp.finetune(PRESET, overrides=over, task=task, out=str(run_dir), overwrite=True, quiet=True)
         model = load_run(run_dir, task=task).model
         back = reattach_head(model, source, "classifier.1")
@@ -331,9 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "run": kind,
             "seed": seed,
-            "steps": steps,
-            "lr": lr,
+            "steps": int(over["optim.steps"]),
+            "lr": float(over["optim.lr"]),
             "test_acc": r["test_acc"],
+            "val_acc": r.get("val_acc") if args.holdout else None,
             "test_mean_per_class": r["test_mean_per_class"],
             "train_time_s": r["train_time_s"],
             "final_loss": r["final_loss"],
@@ -343,8 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         with open(out / "results.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "source": src, "lr_probe": lr_probe}) + "\n")
+        val = f"val top-1 {100 * row['val_acc']:.2f} %, " if args.holdout else ""
         print(
-            f"{kind}/seed{seed}: test top-1 {100 * row['test_acc']:.2f} %, mean per-class "
+            f"{kind}/seed{seed}: {val}test top-1 {100 * row['test_acc']:.2f} %, mean per-class "
             f"{100 * row['test_mean_per_class']:.2f} %, "
             f"source {row['src1000']:.1f} % / {row['src200']:.1f} % "
             f"(1000 / 200-way; with the source BN statistics {row['src1000_srcbn']:.1f} / "

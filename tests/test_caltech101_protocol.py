@@ -283,19 +283,37 @@ def test_cpu_benchmark_end_to_end(tmp_path, shared_dir, gpu):
     bench = _module("caltech101_mobilenetv2")
     pack = _tiny_pack(tmp_path, shared_dir, gpu)
     out = tmp_path / "out"
-    bench.main(["--pack", str(pack), "--out", str(out), "--kinds", "l2,l2-sp-fisher", "--steps", "2",
+    fisher_run = "l2-sp-fisher:reg.alpha=0.5:optim.steps=3"
+    bench.main(["--pack", str(pack), "--out", str(out), "--kinds", f"l2,{fisher_run}", "--steps", "2",
                 "--lr-grid", "0.01,0.001", "--probe-steps", "2", "--val-per-class", "1", "--image-size", "32",
-                "--batch", "4", "--fisher-examples", "2", "--fisher-classes", "2", "--source-per-class", "2"])
+                "--batch", "4", "--fisher-examples", "2", "--fisher-classes", "2", "--source-per-class", "2",
+                "--holdout", "1"])
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["run"] for r in rows] == ["l2", "l2-sp-fisher"]
+    assert [r["run"] for r in rows] == ["l2", fisher_run]
+    assert [r["steps"] for r in rows] == [2, 3]
     for r in rows:
-        assert 0 <= r["test_acc"] <= 1 and r["steps"] == 2 and r["lr"] in (0.01, 0.001)
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and r["lr"] in (0.01, 0.001)
         assert 0 <= r["src200"] <= 100 and r["src200"] >= r["src1000"]
+        assert r["overrides"]["data.val_per_class"] == 1
     assert rows[1]["overrides"]["reg.kind"] == "l2-sp-fisher"
+    assert (rows[1]["overrides"]["reg.alpha"], rows[1]["overrides"]["optim.milestones"]) == (0.5, [2])
     assert (rows[0]["overrides"]["reg.alpha"], rows[0]["overrides"]["reg.beta"]) == (1e-4, 1e-3)
     fisher = l2sp.fisher.load(out / "fisher-mobilenet_v2-tiny.safetensors")
     first = fisher["features.0.0.weight"]
     assert first.shape == (32, 3, 3, 3) and float(first.min()) >= 0 and float(first.max()) > 0
+
+
+def test_cpu_benchmark_run_specs():
+    """``kind:key=value:...`` run specs: YAML values, a folder-safe name, one-line errors."""
+    bench = _module("caltech101_mobilenetv2")
+    assert bench.parse_run("l2-sp:reg.alpha=0.01:train.bn=frozen") == (
+        "l2-sp", {"reg.alpha": 0.01, "train.bn": "frozen"})
+    assert bench.parse_run("l2") == ("l2", {})
+    assert bench.run_name("l2-sp:reg.alpha=1") == "l2-sp_reg.alpha=1"
+    with pytest.raises(l2sp.L2SPError, match="unknown run kind 'l3'"):
+        bench.parse_run("l3:reg.alpha=1")
+    with pytest.raises(l2sp.L2SPError, match="not key=value"):
+        bench.parse_run("l2-sp:alpha")
 
 
 def test_gpu_training_run_on_cpu(tmp_path, shared_dir, gpu):
