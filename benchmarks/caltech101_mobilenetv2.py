@@ -224,6 +224,22 @@ def summarize(rows: list[dict], source: dict) -> str:
     return gpu.summarize(rows, source)
 
 
+def collect(dirs: list[str]) -> str:
+    """The table of every run in ``DIR/results.jsonl`` for ``dirs``: runs with the same spec pool their seeds."""
+    rows = []
+    for d in dirs:
+        path = Path(d) / "results.jsonl"
+        if not path.is_file():
+            raise L2SPError(f"{path} does not exist; give folders written by this script's --out")
+        rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise L2SPError(f"no finished run in {', '.join(dirs)}")
+    holdouts = {r["overrides"].get("data.val_per_class", 0) for r in rows}
+    if len(holdouts) > 1:  # runs trained on different numbers of images are not pooled
+        rows = [{**r, "run": f"{r['run']} (holdout {r['overrides'].get('data.val_per_class', 0)})"} for r in rows]
+    return summarize(rows, rows[0]["source"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pack", default="runs/caltech101-pack")
@@ -261,8 +277,17 @@ def main(argv: list[str] | None = None) -> None:
         help="train every run on 30 - HOLDOUT images per class and report the held-out validation accuracy",
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--collect",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: print the table of the runs in DIR/results.jsonl (e.g. seeds run by separate processes)",
+    )
     ap.add_argument("--set", action="append", default=[], help="override for every run, e.g. train.bn=frozen")
     args = ap.parse_args(argv)
+    if args.collect:
+        print(collect(args.collect))
+        return
     t_start = time.time()
     torch.set_num_threads(args.threads)
     args.resize = args.resize or round(args.image_size * 256 / 224)

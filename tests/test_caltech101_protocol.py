@@ -298,6 +298,10 @@ def test_cpu_benchmark_end_to_end(tmp_path, shared_dir, gpu):
     assert rows[1]["overrides"]["reg.kind"] == "l2-sp-fisher"
     assert (rows[1]["overrides"]["reg.alpha"], rows[1]["overrides"]["optim.milestones"]) == (0.5, [2])
     assert (rows[0]["overrides"]["reg.alpha"], rows[0]["overrides"]["reg.beta"]) == (1e-4, 1e-3)
+    table = bench.collect([str(out)])  # the table again, from the results file alone
+    assert "| val top-1 % |" in table and f"| {fisher_run} | 1 | {100 * rows[1]['val_acc']:.1f} |" in table
+    with pytest.raises(l2sp.L2SPError, match="does not exist"):
+        bench.collect([str(tmp_path / "nowhere")])
     fisher = l2sp.fisher.load(out / "fisher-mobilenet_v2-tiny.safetensors")
     first = fisher["features.0.0.weight"]
     assert first.shape == (32, 3, 3, 3) and float(first.min()) >= 0 and float(first.max()) > 0
