@@ -132,6 +132,7 @@ def test_search_evaluate_and_presets(cfg, tmp_path, capsys):
     assert main(["presets"]) == 0
     names = capsys.readouterr().out.split()
     assert "fashion-mnist" in names and "dogs120-l2-sp-fisher-star" in names and "_paper" not in names
+    assert "cityscapes-fcn-l2-sp" in names  # listed apart, for `l2sp segment`
 
 
 def test_search_refuses_the_test_split(cfg):

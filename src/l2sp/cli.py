@@ -1,4 +1,4 @@
-"""The ``l2sp`` command: finetune, fisher, evaluate, analyze, search, demo, presets.
+"""The ``l2sp`` command: finetune, fisher, evaluate, analyze, search, segment, demo, presets.
 
 Errors in the input print ``l2sp: error: <message>`` and exit with status 2, without a traceback.
 """
@@ -246,6 +246,40 @@ def _presets(args: argparse.Namespace) -> int:
             )
         else:
             print(name)
+    seg = preset_names("segmentation")
+    if seg:
+        print("\nsegmentation (run with `l2sp segment NAME data.root=...`):")
+        print("\n".join(seg))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- segment
+def _add_segment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="a segmentation preset (see `l2sp segment --list`) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/cityscapes optim.steps=500")
+    p.add_argument("--out", help="run directory (default runs/NAME/seedSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds")
+    p.add_argument("--list", action="store_true", help="list the segmentation presets and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the result")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from l2sp.segmentation.config import segmentation_presets
+
+    if args.list:
+        print("\n".join(segmentation_presets()))
+        return 0
+    if args.config is None:
+        raise L2SPError("give a segmentation preset or YAML file, e.g. `l2sp segment cityscapes-fcn-l2-sp "
+                        "data.root=/data/cityscapes`; `l2sp segment --list` shows the presets")
+    from l2sp.segmentation.run import finetune_segmentation
+
+    r = finetune_segmentation(args.config, args.overrides, out=args.out, resume=args.resume,
+                              overwrite=args.overwrite, quiet=True if args.quiet else None)
+    pct = [f"{100 * r[k]:.2f}%" if r.get(k) is not None else "n/a" for k in ("val_miou", "val_pixel_acc")]
+    print(f"val mIoU {pct[0]}, pixel accuracy {pct[1]} ({r['steps']} steps, {r['images_per_s']:.1f} images/s) "
+          f"-> {r['run_dir']}")
     return 0
 
 
@@ -264,6 +298,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("fisher", _add_fisher, _fisher, "estimate the diagonal Fisher of the source network"),
         ("evaluate", _add_evaluate, _evaluate, "evaluate a finished run"),
         ("search", _add_search, _search, "grid search over hyper-parameters on the validation split"),
+        ("segment", _add_segment, _segment, "fine-tune a segmentation network from a preset or YAML config"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         add(p)

@@ -232,12 +232,17 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def preset_names() -> list[str]:
-    """Names of the shipped presets (``l2sp presets``)."""
+def preset_names(task: str = "classification") -> list[str]:
+    """Names of the shipped presets for ``task`` (``l2sp presets``: classification; ``l2sp segment --list``:
+    segmentation, the presets whose top-level ``task:`` says so)."""
     root = resources.files("l2sp") / "configs"
-    return sorted(
-        p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_")
-    )
+    names = (p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
+    return sorted(n for n in names if preset_task(n) == task)
+
+
+def preset_task(name: str) -> str:
+    """The task a shipped preset is for: its top-level ``task:`` (``base:`` resolved), else "classification"."""
+    return str(_read_yaml(name).get("task", "classification"))
 
 
 def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
@@ -298,12 +303,14 @@ def parse_overrides(items: list[str] | dict | None) -> dict:
     return out
 
 
-def apply_overrides(data: dict, overrides: dict) -> dict:
-    """Set dotted keys in a nested dict; an unknown section or key raises an L2SPError with the valid ones."""
+def apply_overrides(data: dict, overrides: dict, root: type | None = None) -> dict:
+    """Set dotted keys in a nested dict; an unknown section or key raises an L2SPError with the valid ones.
+
+    ``root``: the dataclass the keys are checked against (default :class:`Config`)."""
     data = copy.deepcopy(data)
     for key, value in overrides.items():
         parts = key.split(".")
-        cls: type = Config
+        cls: type = root or Config
         node = data
         for i, part in enumerate(parts):
             fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -346,6 +353,10 @@ def resolve(config: Any = None, overrides: list[str] | dict | None = None) -> Co
         raise L2SPError(
             f"cannot read a config from {type(config).__name__}; pass a preset name, path or dict"
         )
+    if data.get("task") == "segmentation":
+        how = f"`l2sp segment {config}`" if isinstance(config, str | Path) else "finetune_segmentation"
+        raise L2SPError(f"{config if isinstance(config, str | Path) else 'this config'} is a segmentation "
+                        f"config (task: segmentation); run it with {how}, not with the classification commands")
     data = apply_overrides(data, parse_overrides(overrides))
     cfg = from_dict(Config, data)
     validate(cfg)

@@ -4,8 +4,12 @@ the segmentation heads are S̄ (weight decay β).
     model = build_segmentation_model("pspnet", 19, backbone="resnet101", backbone_weights="DEFAULT")
     w0 = backbone_state_dict(torchvision.models.resnet101(weights="DEFAULT").state_dict())
     reg = l2sp.regularizer("l2-sp", model, w0, alpha=1e-4, beta=1e-3)
+
+The paper's protocol from a preset: ``finetune_segmentation("cityscapes-fcn-l2-sp", ["data.root=..."])``
+(``l2sp segment`` on the command line).
 """
 
+from l2sp.segmentation.config import SegConfig, resolve_segmentation, segmentation_presets
 from l2sp.segmentation.data import CityscapesSegmentation, SBDSegmentation, cityscapes_train_id_lut
 from l2sp.segmentation.metrics import confusion_matrix, evaluate_segmentation, predict_probabilities, scores
 from l2sp.segmentation.models import (
@@ -17,11 +21,12 @@ from l2sp.segmentation.models import (
     freeze_bn_statistics,
     load_backbone,
 )
+from l2sp.segmentation.run import finetune_segmentation
 from l2sp.segmentation.schedule import poly_lr
 from l2sp.segmentation.transforms import RandomScale, eval_transform, train_transform
 
-__all__ = ["CityscapesSegmentation", "PSPHead", "PyramidPooling", "RandomScale", "SBDSegmentation",
+__all__ = ["CityscapesSegmentation", "PSPHead", "PyramidPooling", "RandomScale", "SBDSegmentation", "SegConfig",
            "backbone_names", "backbone_state_dict", "build_segmentation_model", "cityscapes_train_id_lut",
-           "confusion_matrix", "eval_transform", "evaluate_segmentation", "freeze_bn_statistics",
-           "load_backbone",
-           "poly_lr", "predict_probabilities", "scores", "train_transform"]
+           "confusion_matrix", "eval_transform", "evaluate_segmentation", "finetune_segmentation",
+           "freeze_bn_statistics", "load_backbone", "poly_lr", "predict_probabilities", "resolve_segmentation",
+           "scores", "segmentation_presets", "train_transform"]

@@ -1,0 +1,368 @@
+"""``finetune_segmentation(config)``: the paper's segmentation protocol (Table 3) from a preset, in a run directory.
+
+The backbone (matched by name and shape in w0 = ``backbone_state_dict`` of the source ResNet) is S, the heads
+are S̄; the penalty is attached to SGD (weight decay 0 on what it penalizes). The data stream, training loop,
+NaN/Inf stop, schedules, checkpoints and optimizer are the classification engine's: a resumed run sees the
+same batches, augmentations and dropout masks as an uninterrupted one and ends with the same weights.
+
+Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, TensorBoard events (``tb/``),
+``checkpoints/last.pt`` (model, optimizer, schedule, AMP scaler and RNG states, written atomically; w0 is
+rebuilt from the source on resume), ``model.safetensors`` and ``results.json`` (validation mIoU, pixel
+accuracy, per-class IoU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from l2sp.engine import checkpoint
+from l2sp.engine.config import differences, expand_path
+from l2sp.engine.run import _truncate_metrics, build_optimizer, pick_device, seed_everything
+from l2sp.engine.schedule import Schedule, make_scheduler
+from l2sp.engine.trainer import LoopState, Trainer, train_loader
+from l2sp.errors import L2SPError
+from l2sp.io import atomic_write_json, atomic_write_text, save_tensors
+from l2sp.segmentation.config import (
+    NON_SEMANTIC,
+    SegConfig,
+    SegDataConfig,
+    SegModelConfig,
+    resolve_segmentation,
+    to_yaml,
+)
+from l2sp.segmentation.data import CityscapesSegmentation, SBDSegmentation
+from l2sp.segmentation.metrics import evaluate_segmentation
+from l2sp.segmentation.models import (
+    backbone_state_dict,
+    build_segmentation_model,
+    freeze_bn_statistics,
+    load_backbone,
+    segmentation_logits,
+)
+from l2sp.segmentation.transforms import eval_transform, train_transform
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+TORCH_IGNORE = -100  # the ignore_index of F.cross_entropy's default, which the engine's Trainer uses
+
+
+def cityscapes_classes() -> list[str]:
+    """The 19 evaluated Cityscapes classes, in train-id order."""
+    from torchvision.datasets import Cityscapes
+
+    named = {c.train_id: c.name for c in Cityscapes.classes if 0 <= c.train_id < 19 and not c.ignore_in_eval}
+    return [named[i] for i in range(19)]
+
+
+class TrainPairs(Dataset):
+    """A segmentation dataset's (image, mask) as plain tensors, ignored pixels (``ignore_index``) set to −100:
+    the engine's Trainer computes ``F.cross_entropy(logits, mask)``, the mean over the other pixels."""
+
+    def __init__(self, dataset: Dataset, ignore_index: int = 255) -> None:
+        self.dataset, self.ignore_index = dataset, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[i]
+        mask = mask.as_subclass(torch.Tensor).long()
+        return image.as_subclass(torch.Tensor), mask.masked_fill(mask == self.ignore_index, TORCH_IGNORE)
+
+
+class MainLogits(nn.Module):
+    """``model(x)["out"]``: the logits the training loss is computed on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return segmentation_logits(self.model(x))
+
+
+def build_datasets(d: SegDataConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """(training set with the augmentation, validation set, class names) of ``data.dataset`` under ``data.root``."""
+    root = expand_path(d.root)
+    if root is None:
+        raise L2SPError(f"data.root is not set; give data.root=/path/to/{d.dataset} (its official layout, "
+                        "see docs/segmentation.md)")
+    scale = tuple(d.scale_range) if d.scale_range is not None else None
+    train_tf = train_transform(d.crop, scale_range=scale, flip=d.flip)
+    try:
+        if d.dataset == "cityscapes":
+            train = CityscapesSegmentation(root, d.train_split, mode=d.mode, transforms=train_tf)
+            val = CityscapesSegmentation(root, d.val_split, transforms=eval_transform())
+            return train, val, cityscapes_classes()
+        train = SBDSegmentation(root, d.train_split, transforms=train_tf)
+        val = SBDSegmentation(root, d.val_split, transforms=eval_transform())
+        return train, val, list(VOC_CLASSES)
+    except L2SPError as exc:
+        raise L2SPError(f"data.root={root}: {exc}") from exc
+
+
+def _torchvision_state(backbone: str, name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict of torchvision weights ``name`` of ``backbone`` (downloaded once, then cached)."""
+    from torchvision import models as tvm
+
+    members = tvm.get_model_weights(backbone).__members__
+    key = name.split(".")[-1]  # "ResNet101_Weights.IMAGENET1K_V1" or "IMAGENET1K_V1"
+    if key not in members:
+        raise L2SPError(f"model.backbone_weights={name!r} is not a torchvision weights name of {backbone}; "
+                        f"valid: {', '.join(members)}")
+    try:
+        return members[key].get_state_dict(progress=False)
+    except (OSError, RuntimeError) as exc:
+        raise L2SPError(f"cannot download the {backbone} weights {key} ({type(exc).__name__}); without network "
+                        "set model.backbone_weights=null model.checkpoint=/path/to/resnet.pth") from exc
+
+
+def source_weights(m: SegModelConfig) -> dict[str, torch.Tensor] | None:
+    """w0 = ``backbone_state_dict`` of the source ResNet (``model.checkpoint`` or ``model.backbone_weights``),
+    with the backbone's ``backbone.*`` names; None without a source (random initialization)."""
+    if m.checkpoint is not None:
+        path = expand_path(m.checkpoint)
+        if not Path(path).is_file():
+            raise L2SPError(f"model.checkpoint={path} does not exist; give a local ImageNet {m.backbone} file")
+        try:
+            return backbone_state_dict(path)
+        except L2SPError as exc:
+            raise L2SPError(f"model.checkpoint={path}: {exc}") from exc
+    if m.backbone_weights is not None:
+        return backbone_state_dict(_torchvision_state(m.backbone, m.backbone_weights))
+    return None
+
+
+def build_model(cfg: SegConfig, num_classes: int, w0: dict[str, torch.Tensor] | None) -> nn.Module:
+    """The network with w0 loaded into its backbone; BatchNorm statistics frozen if ``train.freeze_bn_statistics``."""
+    m = cfg.model
+    model = build_segmentation_model(m.name, num_classes, backbone=m.backbone, bins=tuple(m.bins))
+    if w0 is not None:
+        try:
+            load_backbone(model, w0)
+        except L2SPError as exc:
+            where = (f"model.checkpoint={m.checkpoint}" if m.checkpoint
+                     else f"model.backbone_weights={m.backbone_weights}")
+            raise L2SPError(f"{where}: {exc}") from exc
+    if cfg.train.freeze_bn_statistics:
+        freeze_bn_statistics(model)
+    return model
+
+
+def build_regularizer(cfg: SegConfig, model: nn.Module, w0: dict[str, torch.Tensor] | None) -> Any:
+    """``l2sp.regularizer(reg.kind, model, w0, ...)``: S = the backbone, S̄ = the heads (None for kind "none").
+
+    The Fisher of the -fisher kinds (estimated on the ImageNet classifier) is renamed like w0."""
+    from l2sp import fisher as fisher_io
+    from l2sp.penalties import regularizer
+
+    r = cfg.reg
+    if r.kind == "none":
+        return None
+    fisher = None
+    if r.kind.endswith("fisher"):
+        path = expand_path(r.fisher)
+        if path is None or not Path(path).is_file():
+            raise L2SPError(f"reg.fisher file {path} does not exist; create it with `l2sp fisher` first")
+        fisher = backbone_state_dict(fisher_io.load(path))
+    return regularizer(r.kind, model, w0, alpha=r.alpha, beta=r.beta, fisher=fisher, include=r.include)
+
+
+@dataclass
+class SegmentationSetup:
+    """Everything a run is made of, built identically for a fresh start and a resume."""
+
+    cfg: SegConfig
+    device: torch.device
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    model: nn.Module
+    w0: dict[str, torch.Tensor] | None
+    regularizer: Any
+
+
+def setup_segmentation(cfg: SegConfig) -> SegmentationSetup:
+    """Datasets, w0, then (seeded) the model, its device and memory format, and the regularizer."""
+    device = pick_device(cfg.train.device)
+    train, val, classes = build_datasets(cfg.data)
+    w0 = source_weights(cfg.model)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, len(classes), w0).to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    reg = build_regularizer(cfg, model, w0)
+    if reg is not None:
+        reg.to(device)
+    return SegmentationSetup(cfg, device, train, val, classes, model, w0, reg)
+
+
+def _check_run_dir(run_dir: Path, cfg: SegConfig, resume: bool, overwrite: bool) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    if overwrite:
+        for name in ("checkpoints", "tb", "metrics.jsonl", "results.json", "model.safetensors"):
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    old = resolve_segmentation(str(saved))
+    old.name, old.out = cfg.name, cfg.out
+    diff = differences(old, cfg, NON_SEMANTIC)
+    if diff:
+        raise L2SPError(f"run directory {run_dir} already holds a different config ({'; '.join(diff[:3])}); "
+                        "choose another --out directory or pass --overwrite")
+    if not resume:
+        raise L2SPError(f"run directory {run_dir} already holds this run; pass --resume to continue it "
+                        "or --overwrite to start again")
+
+
+def _restore(path: Path, s: SegmentationSetup, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: Any) -> int:
+    """Load a checkpoint into the run (RNG states last); returns its step."""
+    state = checkpoint.load(path, map_location=s.device)
+    try:
+        s.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise L2SPError(f"checkpoint {path} does not match this run's model ({str(exc).splitlines()[0]}); "
+                        "start the run again with --overwrite") from exc
+    checkpoint.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _train(s: SegmentationSetup, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path, resume: bool,
+           stop_after: int | None) -> LoopState:
+    """The engine's Trainer over the seeded, resumable batch stream; checkpoints in ``run_dir/checkpoints``."""
+    cfg = s.cfg
+    t, o = cfg.train, cfg.optim
+    ckpt_path, metrics = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
+    forward = MainLogits(s.model)
+
+    def save(step: int) -> None:
+        scaler = trainer.scaler.state_dict() if trainer.scaler is not None else {}
+        checkpoint.save(ckpt_path, step=step, model=s.model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler)
+
+    trainer = Trainer(s.model, optimizer, scheduler, device=s.device, amp=t.amp, channels_last=t.channels_last,
+                      forward=torch.compile(forward) if t.compile and s.device.type == "cuda" else forward,
+                      regularizer=s.regularizer, log_every=t.log_every,
+                      ckpt_every=t.ckpt_every if t.save_checkpoint else 0, metrics_path=metrics, quiet=t.quiet,
+                      save_checkpoint=save)
+    start = 0
+    if resume and ckpt_path.is_file():
+        start = _restore(ckpt_path, s, optimizer, scheduler, trainer.scaler)
+        _truncate_metrics(metrics, start)
+    else:
+        metrics.unlink(missing_ok=True)
+    if t.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        trainer.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
+    loader = train_loader(TrainPairs(s.train), o.batch_size, t.seed, start, o.steps,
+                          num_workers=cfg.data.num_workers, pin_memory=s.device.type == "cuda")
+    try:
+        loop = trainer.run(loader, start, o.steps, stop_after=stop_after)
+    finally:
+        if trainer.writer is not None:
+            trainer.writer.close()
+    done = loop.step >= o.steps
+    if done and t.save_checkpoint and (not ckpt_path.is_file() or t.ckpt_every == 0 or o.steps % t.ckpt_every):
+        save(o.steps)
+    return loop
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def evaluate_run(s: SegmentationSetup) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (in the order of ``classes``, the train ids; None for a class
+    absent from labels and predictions) on ``data.val_split``, with the test scales and flips of ``eval``."""
+    e = s.cfg.eval
+    loader = DataLoader(s.val, batch_size=1, num_workers=s.cfg.data.num_workers,
+                        pin_memory=s.device.type == "cuda")
+    r = evaluate_segmentation(s.model, loader, len(s.classes), scales=tuple(e.scales), flip=e.flip)
+    return {"miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"]),
+            "classes": list(s.classes), "per_class_iou": [_finite(v) for v in r["per_class_iou"]],
+            "images": len(s.val), "split": s.cfg.data.val_split, "scales": list(e.scales), "flip": e.flip}
+
+
+def _results(s: SegmentationSetup, loop: LoopState, run_dir: Path) -> dict:
+    cfg, reg = s.cfg, s.regularizer
+    val = evaluate_run(s)
+    return {
+        "name": cfg.name, "seed": cfg.train.seed, "steps": cfg.optim.steps, "run_dir": str(run_dir),
+        "model": cfg.model.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
+        "regularizer": cfg.reg.kind, "alpha": cfg.reg.alpha, "beta": cfg.reg.beta,
+        "penalized": None if reg is None else {"S": len(reg.shared), "S_bar": len(reg.novel)},
+        "bn_statistics": "frozen" if cfg.train.freeze_bn_statistics else "trained",
+        "train_time_s": loop.train_time, "final_loss": loop.last_loss,
+        "images_per_s": loop.steps_this_call * cfg.optim.batch_size / max(loop.train_time, 1e-9),
+        "val": val, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
+    }
+
+
+def _announce(s: SegmentationSetup, run_dir: Path) -> None:
+    cfg, reg = s.cfg, s.regularizer
+    pen = "no penalty" if reg is None else (f"{cfg.reg.kind} (alpha={cfg.reg.alpha:g}, beta={cfg.reg.beta:g}; "
+                                            f"{len(reg.shared)} tensors in S, {len(reg.novel)} in S-bar)")
+    bn = "frozen" if cfg.train.freeze_bn_statistics else "trained"
+    print(f"{cfg.name}: {cfg.model.name} on {cfg.model.backbone}, {cfg.data.dataset} ({len(s.train)} training "
+          f"images), {pen}, BN statistics {bn}, {cfg.optim.steps} steps on {s.device} -> {run_dir}", flush=True)
+
+
+def finetune_segmentation(config: Any = None, overrides: list[str] | dict | None = None, *, out: str | None = None,
+                          resume: bool = False, overwrite: bool = False, quiet: bool | None = None,
+                          stop_after: int | None = None) -> dict:
+    """Fine-tune a segmentation network from ``config`` (a segmentation preset name, YAML path, dict or
+    SegConfig) with dotted ``overrides``; evaluate it on the validation split.
+
+    ``resume``: continue the run in the run directory from its last checkpoint. ``stop_after``: stop after
+    that many steps of this call, with a checkpoint (as if killed). Returns the results (also
+    ``results.json``): ``val_miou``, ``val_pixel_acc`` and ``val["per_class_iou"]`` among others.
+    """
+    cfg = resolve_segmentation(config, overrides)
+    if quiet is not None:
+        cfg.train.quiet = quiet
+    if out is not None:
+        cfg.out = str(out)
+    run_dir = cfg.run_dir()
+    _check_run_dir(run_dir, cfg, resume, overwrite)
+    if resume and (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    s = setup_segmentation(cfg)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if not cfg.train.quiet:
+        _announce(s, run_dir)
+    optimizer = build_optimizer(s.model, cfg, s.regularizer.penalized_names() if s.regularizer else set())
+    handle = s.regularizer.attach(optimizer, mode=cfg.reg.mode) if s.regularizer is not None else None
+    o = cfg.optim
+    scheduler = make_scheduler(optimizer, Schedule(o.schedule, o.steps, list(o.milestones), o.gamma, o.power))
+    loop = _train(s, optimizer, scheduler, run_dir, resume, stop_after)
+    if loop.step < o.steps:  # interrupted on purpose (stop_after)
+        return {"interrupted": True, "step": loop.step, "run_dir": str(run_dir)}
+    if handle is not None:
+        handle.remove()
+    results = _results(s, loop, run_dir)
+    if cfg.train.save_model:
+        save_tensors(run_dir / "model.safetensors", s.model.state_dict(),
+                     {"model": cfg.model.name, "backbone": cfg.model.backbone, "num_classes": len(s.classes)})
+    atomic_write_json(run_dir / "results.json", results)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": o.steps, "val_miou": results["val_miou"],
+                            "val_pixel_acc": results["val_pixel_acc"]}) + "\n")
+    return results
