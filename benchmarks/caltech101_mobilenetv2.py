@@ -234,10 +234,25 @@ def collect(dirs: list[str]) -> str:
         rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise L2SPError(f"no finished run in {', '.join(dirs)}")
-    holdouts = {r["overrides"].get("data.val_per_class", 0) for r in rows}
-    if len(holdouts) > 1:  # runs trained on different numbers of images are not pooled
-        rows = [{**r, "run": f"{r['run']} (holdout {r['overrides'].get('data.val_per_class', 0)})"} for r in rows]
-    return summarize(rows, rows[0]["source"])
+    return summarize(split_mixed(rows), rows[0]["source"])
+
+
+def split_mixed(rows: list[dict]) -> list[dict]:
+    """Runs of one spec made with different ``--holdout`` or ``--lr`` are not pooled: their names get the
+    setting that differs, e.g. ``l2-sp (lr 0.001)``."""
+    settings = {
+        "holdout": lambda r: r["overrides"].get("data.val_per_class", 0),
+        "lr": lambda r: f"{r['lr']:g}",
+    }
+    out = [dict(r) for r in rows]
+    for key, get in settings.items():
+        values: dict[str, set] = {}
+        for r in rows:
+            values.setdefault(r["run"], set()).add(get(r))
+        for r, o in zip(rows, out, strict=True):
+            if len(values[r["run"]]) > 1:
+                o["run"] += f" ({key} {get(r)})"
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

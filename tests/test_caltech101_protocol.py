@@ -318,6 +318,12 @@ def test_cpu_benchmark_run_specs():
         bench.parse_run("l3:reg.alpha=1")
     with pytest.raises(l2sp.L2SPError, match="not key=value"):
         bench.parse_run("l2-sp:alpha")
+    rows = [{"run": "l2-sp", "lr": lr, "overrides": {"data.val_per_class": v}}
+            for lr, v in [(0.003, 5), (0.003, 5), (0.001, 5), (0.003, 0)]]
+    rows.append({"run": "l2", "lr": 0.003, "overrides": {}})
+    names = [r["run"] for r in bench.split_mixed(rows)]  # one spec, different settings: not pooled
+    assert names == ["l2-sp (holdout 5) (lr 0.003)"] * 2 + ["l2-sp (holdout 5) (lr 0.001)",
+                                                          "l2-sp (holdout 0) (lr 0.003)", "l2"]
 
 
 def test_gpu_training_run_on_cpu(tmp_path, shared_dir, gpu):
