@@ -113,8 +113,19 @@ class EvalConfig:
     splits: list = field(default_factory=lambda: ["val", "test"])
 
 
+class RunConfig:
+    """What every run config (classification, segmentation) has: ``name``, ``out``, ``train.seed``."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        """``out``, or ``runs/NAME/seedSEED``."""
+        return Path(self.out) if self.out else Path("runs") / self.name / f"seed{self.train.seed}"
+
+
 @dataclass
-class Config:
+class Config(RunConfig):
     name: str = "run"
     out: str | None = None  # run directory (default runs/NAME/seedSEED)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,12 +134,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / self.name / f"seed{self.train.seed}"
 
 
 # keys that do not change the numbers a run produces: a resumed run may differ in these

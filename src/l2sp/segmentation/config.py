@@ -9,7 +9,6 @@ classification ones.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from l2sp.engine.config import (
     OptimConfig,
     RegConfig,
+    RunConfig,
     _deep_merge,
     _read_yaml,
     apply_overrides,
@@ -87,7 +87,7 @@ class SegEvalConfig:
 
 
 @dataclass
-class SegConfig:
+class SegConfig(RunConfig):
     task: Literal["segmentation"] = "segmentation"
     name: str = "segmentation"
     out: str | None = None  # run directory (default runs/NAME/seedSEED)
@@ -97,26 +97,6 @@ class SegConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=2, steps=90000, schedule="poly"))
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / self.name / f"seed{self.train.seed}"
-
-
-# keys that do not change the weights a run produces: a resumed run may differ in these
-NON_SEMANTIC = {
-    "out",
-    "train.quiet",
-    "train.tensorboard",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.save_checkpoint",
-    "train.save_model",
-    "data.num_workers",
-    "data.root",
-}
 
 
 def segmentation_presets() -> list[str]:

@@ -25,14 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from l2sp.engine import checkpoint
-from l2sp.engine.config import differences, expand_path
+from l2sp.engine.config import NON_SEMANTIC, differences, expand_path
 from l2sp.engine.run import _truncate_metrics, build_optimizer, pick_device, seed_everything
 from l2sp.engine.schedule import Schedule, make_scheduler
 from l2sp.engine.trainer import LoopState, Trainer, train_loader
 from l2sp.errors import L2SPError
 from l2sp.io import atomic_write_json, atomic_write_text, save_tensors
 from l2sp.segmentation.config import (
-    NON_SEMANTIC,
     SegConfig,
     SegDataConfig,
     SegModelConfig,
