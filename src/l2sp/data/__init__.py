@@ -50,8 +50,13 @@ class TaskData:
 def build_task(name: str, *, root: str | None = None, n_per_class: int | None = None,
                val_per_class: int | None = None, seed: int = 0, image_size: int | None = None,
                resize: int | None = None, keep_aspect: bool = False, ten_crop: bool = False,
-               normalization: str = "train-mean", blur: bool = True, **options) -> TaskData:
+               normalization: str = "train-mean", blur: bool = True, device: torch.device | str | None = None,
+               **options) -> TaskData:
     """Build a task by name (see ``TASKS``).
+
+    ``device``: None keeps the datasets on the host (files decoded by DataLoader workers at every epoch);
+    a device decodes every image once, keeps it there as uint8 and transforms whole batches on it
+    (:mod:`l2sp.data.device`: ``get_batch(indices)``, ``on_device = True``), with the same random draws.
 
     Folder tasks take ``root`` (the downloaded dataset) and the extra options ``check`` ("header" | "full" |
     "none": how unreadable files are detected), ``cache`` (cache the training mean, default True),
@@ -69,10 +74,17 @@ def build_task(name: str, *, root: str | None = None, n_per_class: int | None = 
                         f"allowed extras: {allowed}")
     if normalization not in NORMALIZATIONS:
         raise L2SPError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    if device is not None and keep_aspect:
+        raise L2SPError("an on-device task needs images of one size: use keep_aspect=False or device=None")
     if name.startswith("fashion-mnist"):
-        return fashion_mnist.build(name.rsplit("-", 1)[1], root=root, n_per_class=n_per_class,
+        task = fashion_mnist.build(name.rsplit("-", 1)[1], root=root, n_per_class=n_per_class,
                                    val_per_class=val_per_class, seed=seed, image_size=image_size,
                                    resize=resize, ten_crop=ten_crop, normalization=normalization, blur=blur)
+        if device is not None:
+            from l2sp.data.device import to_device
+
+            task.train, task.val, task.test = (to_device(d, device) for d in (task.train, task.val, task.test))
+        return task
 
     v = 0 if val_per_class is None else val_per_class
     if name == "imagenet-subset":  # labels = ImageNet-1k indices (l2sp.data.imagenet_subset)
@@ -80,7 +92,8 @@ def build_task(name: str, *, root: str | None = None, n_per_class: int | None = 
 
         return imagenet_subset.build(root, n_per_class=n_per_class, val_per_class=v, seed=seed,
                                      image_size=image_size, resize=resize, keep_aspect=keep_aspect,
-                                     ten_crop=ten_crop, normalization=normalization, blur=blur, **options)
+                                     ten_crop=ten_crop, normalization=normalization, blur=blur, device=device,
+                                     **options)
     check = options.get("check", "header")
     strict = options.get("strict", True)
     common = {"n_per_class": n_per_class, "val_per_class": v, "seed": seed, "check": check}
@@ -101,7 +114,7 @@ def build_task(name: str, *, root: str | None = None, n_per_class: int | None = 
     return folder_task(name, split, n_per_class=n_per_class, val_per_class=v, seed=seed,
                        image_size=image_size, resize=resize, keep_aspect=keep_aspect, ten_crop=ten_crop,
                        normalization=normalization, blur=blur, cache=options.get("cache", True),
-                       mean_workers=options.get("mean_workers", 0))
+                       mean_workers=options.get("mean_workers", 0), device=device)
 
 
 class _Deterministic:
@@ -121,8 +134,10 @@ def _rel(path: str, root: str) -> str:
 
 def folder_task(name: str, split: folders.Split, *, n_per_class: int | None, val_per_class: int, seed: int,
                 image_size: int | None, resize: int | None, keep_aspect: bool, ten_crop: bool,
-                normalization: str, blur: bool, cache: bool = True, mean_workers: int = 0) -> TaskData:
-    """Attach the paper's transforms (and the cached training mean) to a folder split."""
+                normalization: str, blur: bool, cache: bool = True, mean_workers: int = 0,
+                device: torch.device | str | None = None) -> TaskData:
+    """Attach the paper's transforms (and the cached training mean) to a folder split; with ``device``, the
+    on-device datasets of :mod:`l2sp.data.device` (``mean_workers`` processes decode the images)."""
     crop = 224 if image_size is None else image_size
     size = resize if resize is not None else (256 if image_size is None else round(crop * 256 / 224))
     if size < crop:
@@ -130,40 +145,60 @@ def folder_task(name: str, split: folders.Split, *, n_per_class: int | None, val
     if not split.train or not split.test:
         raise L2SPError(f"{name}: the split has {len(split.train)} training and {len(split.test)} test "
                         "images; check root= and the per-class numbers")
+    decoded = {}
+    if device is not None:
+        from l2sp.data.device import decode_files
+
+        decoded["train"] = decode_files([p for p, _ in split.train], size, device=device, workers=mean_workers)
     mean, key = None, None
     if normalization == "train-mean":
-        files = [p for p, _ in split.train]
-        load = _Deterministic(files, size, keep_aspect)
-
-        def compute() -> list[float]:
-            return streaming_mean(len(files), load, 3, mean_workers)
-
-        payload = {"files": [_rel(p, split.root) for p in files], "root": str(Path(split.root).resolve()),
-                   "resize": size, "keep_aspect": keep_aspect}
-        mean, key = cached_mean(payload, compute, cache=cache)
+        mean, key = _train_mean(split, size, keep_aspect, cache, mean_workers, decoded.get("train"))
     stats = normalization_stats(normalization, 3, mean)
     m, s = (None, None) if stats is None else stats
-    kw = {"crop": crop, "resize": size, "keep_aspect": keep_aspect, "mean": m, "std": s}
-    train = folders.FileDataset(split.train, paper_transform(True, blur=blur, **kw))
-    val = folders.FileDataset(split.val, paper_transform(False, **kw))
-    test = folders.FileDataset(split.test, paper_transform(False, ten_crop=ten_crop, **kw))
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    if device is not None:
+        from l2sp.data.device import file_datasets
+
+        data = file_datasets(parts, size=size, crop=crop, blur=blur, ten_crop=ten_crop, mean=m, std=s,
+                             device=device, workers=mean_workers, decoded=decoded)
+    else:
+        kw = {"crop": crop, "resize": size, "keep_aspect": keep_aspect, "mean": m, "std": s}
+        tfs = {"train": paper_transform(True, blur=blur, **kw), "val": paper_transform(False, **kw),
+               "test": paper_transform(False, ten_crop=ten_crop, **kw)}
+        data = {part: folders.FileDataset(items, tfs[part]) for part, items in parts.items()}
     record = {
         "task": name, "protocol": split.protocol, "seed": seed, "root": split.root, "classes": split.classes,
         "n_per_class": n_per_class, "val_per_class": val_per_class, "image_size": crop, "resize": size,
         "keep_aspect": keep_aspect, "ten_crop": ten_crop, "normalization": normalization, "blur": blur,
         "train_mean": mean, "mean_cache_key": key,
-        **{part: [[_rel(p, split.root), c] for p, c in items]
-           for part, items in (("train", split.train), ("val", split.val), ("test", split.test))},
+        **{part: [[_rel(p, split.root), c] for p, c in items] for part, items in parts.items()},
     }
-    return TaskData(train=train, val=val, test=test, num_classes=len(split.classes), classes=split.classes,
-                    split=record)
+    return TaskData(train=data["train"], val=data["val"], test=data["test"], num_classes=len(split.classes),
+                    classes=split.classes, split=record)
+
+
+def _train_mean(split: folders.Split, size: int, keep_aspect: bool, cache: bool, workers: int,
+                decoded: torch.Tensor | None) -> tuple[list[float], str]:
+    """The cached per-channel training mean (from the decoded images when given, else from the files)."""
+    files = [p for p, _ in split.train]
+
+    def compute() -> list[float]:
+        if decoded is not None:  # the same per-image float64 sums as from the files
+            return streaming_mean(len(decoded), lambda i: decoded[i].cpu(), 3)
+        return streaming_mean(len(files), _Deterministic(files, size, keep_aspect), 3, workers)
+
+    payload = {"files": [_rel(p, split.root) for p in files], "root": str(Path(split.root).resolve()),
+               "resize": size, "keep_aspect": keep_aspect}
+    return cached_mean(payload, compute, cache=cache)
 
 
 _TRANSFORM_KEYS = ("image_size", "resize", "ten_crop", "normalization", "blur")
 
 
-def task_from_split(split: dict, *, root: str | None = None, **overrides) -> TaskData:
-    """Rebuild the task a run recorded in ``split`` (e.g. its saved ``split.json``), with the same files.
+def task_from_split(split: dict, *, root: str | None = None, device: torch.device | str | None = None,
+                    **overrides) -> TaskData:
+    """Rebuild the task a run recorded in ``split`` (e.g. its saved ``split.json``), with the same files
+    (on ``device`` when given, as :func:`build_task`).
 
     ``root`` relocates a folder dataset (default: the recorded root); ``overrides`` change transform settings
     (``ten_crop``, ``normalization``, ...). Fashion-MNIST splits are rebuilt from their seed and checked
@@ -181,7 +216,7 @@ def task_from_split(split: dict, *, root: str | None = None, **overrides) -> Tas
     settings.update(overrides)
     if name.startswith("fashion-mnist"):
         task = build_task(name, root=root, n_per_class=split["n_per_class"],
-                          val_per_class=split["val_per_class"], seed=split["seed"], **settings)
+                          val_per_class=split["val_per_class"], seed=split["seed"], device=device, **settings)
         for part in ("train", "val", "test"):
             if task.split[part] != split[part]:
                 raise L2SPError(f"the {part} indices rebuilt from seed {split['seed']} differ from the "
@@ -201,7 +236,8 @@ def task_from_split(split: dict, *, root: str | None = None, **overrides) -> Tas
                             split.get("protocol", "recorded split"))
     return folder_task(name, rebuilt, n_per_class=split.get("n_per_class"),
                        val_per_class=split.get("val_per_class", 0), seed=split.get("seed", 0),
-                       keep_aspect=settings.pop("keep_aspect", split.get("keep_aspect", False)), **settings)
+                       keep_aspect=settings.pop("keep_aspect", split.get("keep_aspect", False)), device=device,
+                       **settings)
 
 
 __all__ = ["TASKS", "TaskData", "build_task", "folder_task", "task_from_split"]

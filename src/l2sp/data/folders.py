@@ -361,28 +361,33 @@ def _dogs_train_list(base: Path, what: str) -> list[str]:
                     "extract the official lists.tar there")
 
 
+def _given_path(value: str | None, folder: bool, if_none: str, if_missing: str) -> Path:
+    """``value`` as an existing folder (or file); L2SPError ``if_none`` when it is None, ``if_missing`` (with
+    ``{}`` standing for the path) when it does not exist."""
+    if value is None:
+        raise L2SPError(if_none)
+    path = Path(value).expanduser()
+    if not (path.is_dir() if folder else path.is_file()):
+        raise L2SPError(if_missing.format(path))
+    return path
+
+
 def _imagenet_val(folder: str | None, labels: str | None, wnids: set[str], what: str
                   ) -> dict[str, list[str]]:
     """ImageNet validation images of the given synsets: ``folder/<wnid>/*`` or a flat folder + a labels
     file (Kaggle's LOC_val_solution.csv, or lines ``<file> <wnid>``)."""
-    if folder is None:
-        raise L2SPError(f"{what} tests on the ImageNet validation images of its 120 breeds; pass "
-                        "imagenet_val= (a folder of <wnid>/ sub-folders, or flat plus imagenet_val_labels=)")
-    base = Path(folder).expanduser()
-    if not base.is_dir():
-        raise L2SPError(f"{what}: ImageNet validation folder {base} does not exist; fix imagenet_val=")
+    base = _given_path(folder, True, f"{what} tests on the ImageNet validation images of its 120 breeds; pass "
+                       "imagenet_val= (a folder of <wnid>/ sub-folders, or flat plus imagenet_val_labels=)",
+                       f"{what}: ImageNet validation folder {{}} does not exist; fix imagenet_val=")
     out: dict[str, list[str]] = {w: [] for w in wnids}
     if any((base / w).is_dir() for w in wnids):
         for w in wnids:
             if (base / w).is_dir():
                 out[w] = list_images(base / w)
         return out
-    if labels is None:
-        raise L2SPError(f"{what}: {base} has no <wnid>/ sub-folders; pass imagenet_val_labels= (Kaggle's "
-                        "LOC_val_solution.csv, or a text file of '<file> <wnid>' lines)")
-    lab = Path(labels).expanduser()
-    if not lab.is_file():
-        raise L2SPError(f"{what}: labels file {lab} does not exist; fix imagenet_val_labels=")
+    lab = _given_path(labels, False, f"{what}: {base} has no <wnid>/ sub-folders; pass imagenet_val_labels= "
+                      "(Kaggle's LOC_val_solution.csv, or a text file of '<file> <wnid>' lines)",
+                      f"{what}: labels file {{}} does not exist; fix imagenet_val_labels=")
     files = {Path(f).stem: f for f in list_images(base)}
     text = lab.read_text()
     rows: list[tuple[str, str]] = []

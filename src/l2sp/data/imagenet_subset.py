@@ -93,18 +93,9 @@ def _scan(folder: Path, index: dict[str, int], what: str, check: str, strict: bo
     return dict(zip(present, per_class))
 
 
-def subset_split(
-    root: str | None,
-    *,
-    n_per_class: int | None,
-    val_per_class: int,
-    seed: int,
-    test_per_class: int | None = None,
-    index: str | None = None,
-    check: str = "header",
-    strict: bool = True,
-    num_classes: int = NUM_IMAGENET_CLASSES,
-) -> tuple[folders.Split, list[int]]:
+def subset_split(root: str | None, *, n_per_class: int | None, val_per_class: int, seed: int,
+                 test_per_class: int | None = None, index: str | None = None, check: str = "header",
+                 strict: bool = True, num_classes: int = NUM_IMAGENET_CLASSES) -> tuple[folders.Split, list[int]]:
     """The split (labels = ImageNet indices) and the sorted list of the indices present."""
     what = "imagenet-subset"
     if root is None:
@@ -169,54 +160,18 @@ def subset_split(
     return split, present
 
 
-def build(
-    root: str | None,
-    *,
-    n_per_class: int | None,
-    val_per_class: int,
-    seed: int,
-    image_size: int | None,
-    resize: int | None,
-    keep_aspect: bool,
-    ten_crop: bool,
-    normalization: str,
-    blur: bool,
-    test_per_class: int | None = None,
-    index: str | None = None,
-    check: str = "header",
-    strict: bool = True,
-    cache: bool = True,
-    mean_workers: int = 0,
-):
+def build(root: str | None, *, n_per_class: int | None, val_per_class: int, seed: int,
+          test_per_class: int | None = None, index: str | None = None, check: str = "header", strict: bool = True,
+          **settings):
     """The "imagenet-subset" :class:`~l2sp.data.TaskData` (``num_classes`` = 1000, labels = ImageNet
-    indices); ``task.split["class_indices"]`` lists the indices present."""
+    indices); ``task.split["class_indices"]`` lists the indices present. ``settings``: the transform and
+    loading arguments of :func:`l2sp.data.folder_task` (image_size, resize, ..., cache, device)."""
     from l2sp.data import folder_task
 
-    split, present = subset_split(
-        root,
-        n_per_class=n_per_class,
-        val_per_class=val_per_class,
-        seed=seed,
-        test_per_class=test_per_class,
-        index=index,
-        check=check,
-        strict=strict,
-    )
-    task = folder_task(
-        "imagenet-subset",
-        split,
-        n_per_class=n_per_class,
-        val_per_class=val_per_class,
-        seed=seed,
-        image_size=image_size,
-        resize=resize,
-        keep_aspect=keep_aspect,
-        ten_crop=ten_crop,
-        normalization=normalization,
-        blur=blur,
-        cache=cache,
-        mean_workers=mean_workers,
-    )
+    split, present = subset_split(root, n_per_class=n_per_class, val_per_class=val_per_class, seed=seed,
+                                  test_per_class=test_per_class, index=index, check=check, strict=strict)
+    task = folder_task("imagenet-subset", split, n_per_class=n_per_class, val_per_class=val_per_class, seed=seed,
+                       **settings)
     task.split["class_indices"] = present
     return task
 

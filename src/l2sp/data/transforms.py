@@ -134,7 +134,8 @@ def batch_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torc
     (torchvision's ``gaussian_blur`` with kernel ``size`` and σ = σ_b, batched). Shifted multiply-adds: on CPU
     they are several times faster than a depthwise ``conv2d``."""
     h, w = x.shape[-2:]
-    k = gaussian_kernels(sigma, size).to(x.dtype)[:, :, None, None, None]  # (B, size, 1, 1, 1)
+    # kernels computed on the CPU: the same numbers whatever x's device
+    k = gaussian_kernels(sigma.cpu(), size).to(device=x.device, dtype=x.dtype)[:, :, None, None, None]
     p = size // 2
     y = F.pad(x, (p, p, p, p), mode="reflect")
     rows = y[..., 0:w] * k[:, 0]
@@ -167,7 +168,27 @@ def batch_crops(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, crop: in
     """``out[b] = x[b, :, top_b:top_b+crop, left_b:left_b+crop]``: one gather from the strided view of all
     crop windows."""
     windows = x.unfold(2, crop, 1).unfold(3, crop, 1)  # (B, C, H-crop+1, W-crop+1, crop, crop), no copy
-    return windows[torch.arange(x.shape[0]), :, top, left]
+    dev = x.device
+    return windows[torch.arange(x.shape[0], device=dev), :, top.to(dev), left.to(dev)]
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror ``x[b]`` (in place) where the host-side flag ``flip[b]`` is set (no device sync)."""
+    idx = flip.cpu().nonzero().squeeze(1)
+    if len(idx):
+        idx = idx.to(x.device)
+        x[idx] = x[idx].flip(-1)
+    return x
+
+
+def blur_where(x: torch.Tensor, blur: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur ``x[b]`` (float, in place) with σ_b where the host-side flag ``blur[b]`` is set."""
+    idx = blur.cpu().nonzero().squeeze(1)
+    if len(idx):
+        sig = sigma.cpu()[idx]
+        idx = idx.to(x.device)
+        x[idx] = batch_gaussian_blur(x[idx], sig, blur_kernel_size(BLUR_SIGMA[1]))
+    return x
 
 
 def ten_crops(x: torch.Tensor, crop: int) -> torch.Tensor:
@@ -206,17 +227,17 @@ class BatchAugment:
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training transform of a uint8 batch with the given parameters."""
-        x = batch_crops(x, p["top"], p["left"], self.crop)
-        flip = p["flip"].nonzero().squeeze(1)
-        x[flip] = x[flip].flip(-1)
-        x = x.float().div_(255)
-        if bool(p["blur"].any()):
-            idx = p["blur"].nonzero().squeeze(1)
-            x[idx] = batch_gaussian_blur(x[idx], p["sigma"][idx], blur_kernel_size(BLUR_SIGMA[1]))
-        return self.normalize(x)
+        x = flip_where(batch_crops(x, p["top"], p["left"], self.crop), p["flip"])
+        return self.normalize(blur_where(x.float().div_(255), p["blur"], p["sigma"]))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.mean is None else (x - self.mean) / self.std
+        if self.mean is None:
+            return x
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def to_float(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 crops → normalized float."""
+        return self.normalize(x.float().div_(255))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -224,9 +245,9 @@ class BatchAugment:
         if self.train:
             return self.apply(x, self.sample(b, h, w, generator))
         if self.ten_crop:
-            return self.normalize(ten_crops(x, crop).float().div_(255))
+            return self.to_float(ten_crops(x, crop))
         t, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-        return self.normalize(x[..., t:t + crop, left:left + crop].float().div_(255))
+        return self.to_float(x[..., t:t + crop, left:left + crop])
 
 
 def resize_uint8(x: torch.Tensor, size: int | None) -> torch.Tensor:
