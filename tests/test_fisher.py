@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from l2sp import fisher
+import l2sp.fisher as fisher
 from l2sp.errors import L2SPError
+from l2sp.fisher import hooks
 
 K = 5
 
@@ -172,8 +173,8 @@ def test_matches_brute_force(name, backend, method):
 @pytest.mark.parametrize("name", ["resnetish", "seqnet"])
 def test_both_convolution_paths_match_brute_force(name, unfold_below, block_bytes, monkeypatch):
     """Per-example conv gradients by im2col + bmm or by the batch-as-groups convolution, in example blocks."""
-    monkeypatch.setattr(fisher, "_UNFOLD_BELOW", unfold_below)
-    monkeypatch.setattr(fisher, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(hooks, "_UNFOLD_BELOW", unfold_below)
+    monkeypatch.setattr(hooks, "_BLOCK_BYTES", block_bytes)
     net, x, _ = _make(name, 5)
     got = fisher.estimate(net, [x], backend="hooks", dtype=torch.float64)
     assert rel_err(got, brute_force(net, x)) < 1e-6
@@ -182,8 +183,8 @@ def test_both_convolution_paths_match_brute_force(name, unfold_below, block_byte
 @pytest.mark.parametrize("name", ["resnetish", "seqnet", "volnet"])
 def test_accelerator_code_path_matches_brute_force(name, monkeypatch):
     """The GPU branch (im2col everywhere, no cache blocking), run on CPU."""
-    monkeypatch.setattr(fisher, "_accelerated", lambda t: True)
-    monkeypatch.setattr(fisher, "_BLOCK_BYTES", 1)  # would split every layer if the branch ignored it
+    monkeypatch.setattr(hooks, "_accelerated", lambda t: True)
+    monkeypatch.setattr(hooks, "_BLOCK_BYTES", 1)  # would split every layer if the branch ignored it
     net, x, _ = _make(name, 5)
     got = fisher.estimate(net, [x], backend="hooks", dtype=torch.float64)
     assert rel_err(got, brute_force(net, x)) < 1e-6
@@ -349,7 +350,7 @@ def test_truncation_with_tail_sampling_is_unbiased():
 
 @pytest.mark.parametrize("accelerated", [False, True])
 def test_autocast_bf16_runs_and_stays_close(accelerated, monkeypatch):
-    monkeypatch.setattr(fisher, "_accelerated", lambda t: accelerated)
+    monkeypatch.setattr(hooks, "_accelerated", lambda t: accelerated)
     net, x, _ = _make("resnetish", 8)
     net = net.float()
     ref = fisher.estimate(net, [x.float()])
