@@ -11,11 +11,12 @@ from typing import Any
 
 from l2sp import fisher
 from l2sp.errors import L2SPError
-from l2sp.penalties import KINDS, Regularizer, regularizer
+from l2sp.penalties import KINDS, Penalty, Regularizer, register_penalty, regularizer
 from l2sp.reference import snapshot
 
 __version__ = "0.1.0"
-__all__ = ["KINDS", "L2SPError", "Regularizer", "finetune", "fisher", "regularizer", "snapshot"]
+__all__ = ["KINDS", "L2SPError", "Penalty", "Regularizer", "finetune", "fisher", "register_penalty", "regularizer",
+           "snapshot"]
 
 
 def finetune(config: Any, **overrides: Any) -> dict:
