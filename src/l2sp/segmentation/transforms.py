@@ -20,6 +20,17 @@ from l2sp.errors import L2SPError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per input convention: torchvision's ImageNet weights, or inputs in [-1, 1] (TensorFlow/TFLite
+# models such as the shared MobileNetV2 file: (p/255 − 0.5)/0.5 = (p − 127.5)/127.5)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a named input normalization (``"imagenet"`` or ``"half"``)."""
+    if name not in NORMALIZATIONS:
+        raise L2SPError(f"unknown normalization {name!r}; use one of {', '.join(NORMALIZATIONS)} "
+                        "(the convention the backbone's weights were trained with)")
+    return NORMALIZATIONS[name]
 
 
 class RandomScale(v2.Transform):
@@ -67,11 +78,14 @@ def _pair(crop: int | Sequence[int]) -> list[int]:
 
 def train_transform(crop: int | Sequence[int], *, scale_range: tuple[float, float] | None = (0.5, 2.0),
                     flip: bool = True, ignore_index: int = 255, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
-    """Random scale → h-flip → float + normalize → int64 mask → random crop.
+                    std: Sequence[float] = IMAGENET_STD, normalization: str | None = None) -> v2.Compose:
+    """Random scale → h-flip → float + normalize ((x − mean)/std) → int64 mask → random crop.
 
     The crop pads where the image is smaller: 0 (the mean) in the image, ``ignore_index`` in the mask.
+    ``normalization`` (``"imagenet"``, ``"half"``), when given, sets ``mean`` and ``std``.
     """
+    if normalization is not None:
+        mean, std = normalization_stats(normalization)
     steps: list[v2.Transform] = []
     if scale_range is not None:
         steps.append(RandomScale(scale_range))
@@ -83,8 +97,10 @@ def train_transform(crop: int | Sequence[int], *, scale_range: tuple[float, floa
     return v2.Compose(steps)
 
 
-def eval_transform(*, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
-    """Float + normalize, full image; the mask untouched but for int64."""
+def eval_transform(*, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   normalization: str | None = None) -> v2.Compose:
+    """Float + normalize, full image; the mask untouched but for int64 (``normalization`` as in train_transform)."""
+    if normalization is not None:
+        mean, std = normalization_stats(normalization)
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
                        MaskToLong()])
