@@ -1,6 +1,6 @@
 """Caltech-101-30 from an ImageNet MobileNetV2: the "imagenet-subset" source task, the local checkpoint path,
-the presets, the image pack and the batched (GPU) augmentation of benchmarks/caltech101_gpu.py, and the CPU
-benchmark end to end on a tiny synthetic pack. Only a handful of the shared images are decoded."""
+the presets, image packs (l2sp.data.pack) and their on-device tasks, and both benchmarks (drivers of
+l2sp.finetune) end to end on a tiny synthetic pack. Only a handful of the shared images are decoded."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import l2sp
 from l2sp.data import build_task
 from l2sp.data.folders import load_image
 from l2sp.data.imagenet_subset import RestrictLogits, local_labels, present_classes, read_index
+from l2sp.data.pack import PACK_FILE, carve_val, decode_group, group_item, pack_group, pack_task, read_pack, write_pack
 from l2sp.errors import L2SPError
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -148,7 +149,7 @@ def test_tiny_imagenet_as_source_task(shared_dir):
 
 
 # ------------------------------------------------------------------------- Caltech-101-30 and the checkpoint
-def test_caltech101_split_and_validation_carving(shared_dir, gpu):
+def test_caltech101_split_and_validation_carving(shared_dir):
     root = str(shared_dir / "data" / "caltech101")
     full = build_task("caltech101", root=root, n_per_class=30, val_per_class=0, seed=0, normalization="half",
                       check="none")
@@ -157,12 +158,12 @@ def test_caltech101_split_and_validation_carving(shared_dir, gpu):
                         normalization="half",
                         check="none")
     labels = torch.tensor([c for _, c in full.split["train"]])
-    mask = gpu.carve_val(labels, 5)
+    mask = carve_val(labels, 5)
     files = [p for p, _ in full.split["train"]]
     assert [f for f, m in zip(files, mask.tolist()) if m] == [p for p, _ in carved.split["val"]]
     assert [f for f, m in zip(files, mask.tolist()) if not m] == [p for p, _ in carved.split["train"]]
     with pytest.raises(L2SPError):
-        gpu.carve_val(torch.tensor([0, 0, 1]), 1)
+        carve_val(torch.tensor([0, 0, 1]), 1)
 
 
 def test_local_checkpoint_source_network(shared_dir):
@@ -204,58 +205,61 @@ def test_local_checkpoint_source_network(shared_dir):
 
 
 # ------------------------------------------------------------------------------------ pack and augmentation
-def test_pack_roundtrip(tmp_path, shared_dir, gpu):
+def test_pack_roundtrip(tmp_path, shared_dir):
     root = shared_dir / "data" / "caltech101"
     files = [str(sorted((root / c).iterdir())[0]) for c in ("ant", "Faces", "yin_yang")]
     files.append(str(_jpeg(tmp_path / "grey.jpg", 3, size=(20, 14), gray=True)))
-    raw = gpu.pack_group(files, [4, 0, 100, 7])
-    small = gpu.pack_group(files, [4, 0, 100, 7], quality=70, short_side=48)
-    path = gpu.write_pack(tmp_path / "p.safetensors", {"raw": raw, "small": small},
-                          {"classes": ["a"], "seed": 3})
-    groups, meta = gpu.read_pack(path)
+    raw = pack_group(files, [4, 0, 100, 7])
+    small = pack_group(files, [4, 0, 100, 7], quality=70, short_side=48)
+    path = write_pack(tmp_path / "p.safetensors", {"raw": raw, "small": small}, {"classes": ["a"], "seed": 3})
+    groups, meta = read_pack(path)
     assert meta == {"classes": ["a"], "seed": 3}
     for k in ("bytes", "offsets", "labels"):
         assert torch.equal(groups["raw"][k], raw[k])
     assert groups["raw"]["labels"].tolist() == [4, 0, 100, 7]
-    assert bytes(gpu.group_item(groups["raw"], 1).numpy()) == Path(files[1]).read_bytes()
+    assert bytes(group_item(groups["raw"], 1).numpy()) == Path(files[1]).read_bytes()
     assert small["bytes"].numel() < raw["bytes"].numel()
-    dec = gpu.decode_group(groups["raw"], 40)
+    dec = decode_group(groups["raw"], 40)
     ref = torch.stack([TF.resize(load_image(f), [40, 40], antialias=True) for f in files])
     assert dec.dtype == torch.uint8 and torch.equal(dec, ref)
-    dec_small = gpu.decode_group(groups["small"], 40)
+    dec_small = decode_group(groups["small"], 40)
     assert (dec_small.float() - ref.float()).abs().mean() < 8    # re-encoded: close, not equal
     img = load_image(files[0])
     first = {"bytes": small["bytes"], "offsets": small["offsets"][:2], "labels": small["labels"][:1]}
-    short = gpu.decode_group(first, None)
+    short = decode_group(first, None)
     assert min(short.shape[-2:]) == 48 and short.shape[-1] == round(img.shape[-1] * 48 / img.shape[-2])
+    with pytest.raises(L2SPError, match="one label per file"):
+        pack_group(files, [1])
+    with pytest.raises(L2SPError, match="no image pack"):
+        read_pack(tmp_path / "nowhere")
 
 
-def test_batched_augmentation_matches_per_image_ops(gpu):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (5, 3, 20, 23), dtype=torch.uint8, generator=g)
-    p = gpu.sample_params(5, 20, 23, 16, generator=g)
-    assert int(p["top"].max()) <= 4 and int(p["left"].max()) <= 7
-    p["flip"] = torch.tensor([True, False, True, False, False])
-    out = gpu.crop_flip(x, p["top"], p["left"], p["flip"], 16)
-    for b in range(5):
-        t, l = int(p["top"][b]), int(p["left"][b])
-        ref = x[b, :, t:t + 16, l:l + 16]
-        assert torch.equal(out[b], ref.flip(-1) if p["flip"][b] else ref)
-    sigma = torch.tensor([0.1, 0.5, 1.0, 0.7, 0.3])
-    xf = x.float() / 255
-    blurred = gpu.blur_batch(xf, sigma, 5)
-    for b in range(5):
-        ref = TF.gaussian_blur(xf[b], [5, 5], [float(sigma[b])] * 2)
-        assert torch.allclose(blurred[b], ref, atol=1e-5)
-    p["blur"] = torch.tensor([True, False, False, True, False])
-    aug = gpu.augment(x, p, 16)
-    crops = out.float() / 255
-    for b in range(5):
-        ref = TF.gaussian_blur(crops[b], [5, 5], [float(p["sigma"][b])] * 2) if p["blur"][b] else crops[b]
-        assert torch.allclose(aug[b], (ref - 0.5) / 0.5, atol=1e-5)
-    assert float(aug.min()) >= -1 and float(aug.max()) <= 1
-    c = gpu.center(x, 16)
-    assert torch.allclose(c, TF.center_crop(x, [16, 16]).float() / 127.5 - 1, atol=1e-6)
+def test_pack_task_equals_folder_task_on_device(tmp_path, monkeypatch):
+    """A pack of a folder task's files, byte for byte, gives the on-device task build_task(device=...) gives:
+    the same images, validation carving and batches under the same seed."""
+    monkeypatch.setenv("L2SP_CACHE", str(tmp_path / "cache"))
+    for c in range(3):
+        for i in range(5):
+            _jpeg(tmp_path / "imgs" / f"c{c}" / f"{i}.jpg", 10 * c + i, (30 + 3 * i, 26), gray=i == 2)
+    kw = {"root": str(tmp_path / "imgs"), "n_per_class": 3, "test_per_class": 2, "image_size": 16, "resize": 20,
+          "normalization": "half", "check": "none"}
+    full = build_task("imagefolder", val_per_class=0, **kw)
+    root = Path(full.split["root"])
+    groups = {part: pack_group([str(root / p) for p, _ in full.split[part]], [c for _, c in full.split[part]])
+              for part in ("train", "test")}
+    write_pack(tmp_path / "pack" / PACK_FILE, groups, {"classes": full.classes})
+    packed = pack_task(tmp_path / "pack", train="train", test="test", crop=16, resize=20, val_per_class=1)
+    folder = build_task("imagefolder", val_per_class=1, device="cpu", **kw)
+    for part in ("train", "val", "test"):
+        a, b = getattr(packed, part), getattr(folder, part)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    torch.manual_seed(7)
+    x, y = packed.train.get_batch([0, 5, 2])
+    torch.manual_seed(7)
+    assert torch.equal(x, folder.train.get_batch([0, 5, 2])[0])
+    assert packed.num_classes == 3 and packed.split["val_per_class"] == 1
+    with pytest.raises(L2SPError, match="no group 'val'"):
+        pack_task(tmp_path / "pack", train="val", test="test", crop=16)
 
 
 def _tiny_pack(tmp_path: Path, shared_dir: Path, gpu) -> Path:
@@ -266,11 +270,11 @@ def _tiny_pack(tmp_path: Path, shared_dir: Path, gpu) -> Path:
     test = [(str(_jpeg(imgs / f"te{c}_{i}.jpg", 500 + 10 * c + i, (40, 36))), c)
             for c in range(3) for i in range(2)]
     tiny = [(str(_jpeg(imgs / f"ti{k}.jpg", 900 + k, (64, 64))), lab) for k, lab in enumerate([1, 1, 25, 25])]
-    group = lambda items: gpu.pack_group([f for f, _ in items], [c for _, c in items])  # noqa: E731
+    group = lambda items: pack_group([f for f, _ in items], [c for _, c in items])  # noqa: E731
     pack = tmp_path / "pack"
     meta = {"classes": ["a", "b", "c"], "split_seed": 0, "n_per_class": 4, "protocol": "test",
             "caltech_files": {}, "quality": None, "short_side": None, "tiny_class_indices": [1, 25]}
-    gpu.write_pack(pack / gpu.PACK_FILE, {"caltech_train": group(train), "caltech_test": group(test),
+    write_pack(pack / PACK_FILE, {"caltech_train": group(train), "caltech_test": group(test),
                                           "tiny_test": group(tiny), "tiny_fisher": group(tiny[:2])}, meta)
     shutil.copyfile(shared_dir / "weights" / gpu.WEIGHTS_FILE, pack / gpu.WEIGHTS_FILE)
     return pack
@@ -327,36 +331,40 @@ def test_cpu_benchmark_run_specs():
 
 
 def test_gpu_training_run_on_cpu(tmp_path, shared_dir, gpu):
-    """The GPU script's run (engine setup, GPU-resident batches, evaluation, source scores) on CPU tensors:
-    3 classes, 40 px images, 32 px crops, 3 steps; the L2-SP-Fisher run reads a Fisher file."""
+    """The GPU script's run (l2sp.finetune on the decoded pack's on-device task, evaluation, source scores)
+    with device=cpu: 3 classes, 36 px images, 32 px crops, 3 steps; the L2-SP-Fisher run reads a Fisher file."""
     import argparse
 
-    from l2sp.models import pretrained
-
-    pack = tmp_path / "pack"
-    pack.mkdir()
-    shutil.copyfile(shared_dir / "weights" / gpu.WEIGHTS_FILE, pack / gpu.WEIGHTS_FILE)
-    g = torch.Generator().manual_seed(0)
-    data = {"meta": {"classes": ["a", "b", "c"]}, "source_size": 32,
-            "train_x": torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8, generator=g),
-            "train_y": torch.arange(12) % 3,
-            "test_x": torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8),
-            "test_y": torch.arange(6) % 3, "tiny_x": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
-            "tiny_y": torch.tensor([1, 25, 1, 25]), "tiny_idx": torch.tensor([1, 25])}
-    source = pretrained("mobilenet_v2", str(pack / gpu.WEIGHTS_FILE), 1000)
+    pack = _tiny_pack(tmp_path, shared_dir, gpu)
+    data = gpu.load_data(pack, "cpu", 36, 32)
+    assert data["train"][0].shape == (12, 3, 36, 36) and data["train"][0].dtype == torch.uint8
+    assert data["source"].images.shape == (4, 3, 32, 32) and data["source_indices"] == [1, 25]
+    task = gpu.target_task(data, 32, 1)
+    assert (len(task.train), len(task.val), len(task.test)) == (9, 3, 6) and task.train.on_device
+    assert gpu.target_task(data, 32, 1) is task  # built once per setting
+    source = gpu.source_network(pack / gpu.WEIGHTS_FILE, "cpu")
     fisher = {n: torch.rand_like(p) for n, p in source.named_parameters()}
     l2sp.fisher.save(tmp_path / "f.safetensors", fisher)
-    args = argparse.Namespace(steps=3, val_per_class=1, set=["data.image_size=32", "optim.batch_size=4"])
+    args = argparse.Namespace(steps=3, val_per_class=1, device="cpu",
+                              set=["data.image_size=32", "optim.batch_size=4"])
     cfg = gpu.resolve_run("l2-sp-fisher", 0, args, pack, tmp_path / "f.safetensors", {"optim.lr": 0.001})
-    settings = (cfg.reg.kind, cfg.optim.lr, cfg.optim.milestones, cfg.train.amp)
-    assert settings == ("l2-sp-fisher", 0.001, [2], "bf16")
+    settings = (cfg.reg.kind, cfg.optim.lr, cfg.optim.milestones, cfg.train.amp, cfg.train.channels_last)
+    assert settings == ("l2-sp-fisher", 0.001, [2], "bf16", True)
     cfg.train.amp = "none"
-    r = gpu.train_run(cfg, data, torch.device("cpu"))
+    r = gpu.train_run(cfg, data, tmp_path / "run")
     assert r["steps"] == 3 and 0 <= r["test_top1"] <= 100 and 0 <= r["val_top1"] <= 100
     assert r["src200"] >= r["src1000"] and np.isfinite(r["final_loss"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 3
+    # the source scores are the library's: l2sp.analysis.accuracy of the source network on the same images
+    from l2sp.analysis import accuracy
+
+    src = gpu.source_scores(source, data["source"], [1, 25])
+    assert src["src1000"] == accuracy(source, data["source"].batches(3))
     freeze = gpu.resolve_run("l2-freeze", 1, args, pack, None, {})
     assert (freeze.reg.kind, freeze.train.freeze, freeze.train.seed) == ("l2", 7, 1)
     assert gpu.resolve_run("l2-sp-bnfrozen", 0, args, pack, None).train.bn == "frozen"
+    with pytest.raises(L2SPError, match="unknown run kind"):
+        gpu.resolve_run("l3", 0, args, pack, None)
     table = gpu.summarize([{**r, "run": "l2-sp-fisher"}, {**r, "run": "l2-sp-fisher", "test_top1": 50.0}],
                           {"src1000": 10.0, "src200": 20.0})
     assert "| l2-sp-fisher | 2 |" in table

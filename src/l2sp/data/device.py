@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -132,6 +132,13 @@ class DeviceImages(Dataset):
         """(transformed images, labels) of ``indices``, both on the device."""
         idx = self._index(indices).to(self.device, non_blocking=True)
         return self.transform(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive batches ``(images, labels)`` in dataset order (evaluation loops, Fisher inputs)."""
+        if batch_size < 1:
+            raise L2SPError(f"batch_size={batch_size}; use a positive batch size")
+        for s in range(0, len(self), batch_size):
+            yield self.get_batch(range(s, min(len(self), s + batch_size)))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x, _ = self.get_batch([i])
