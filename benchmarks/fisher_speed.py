@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torchvision.models import resnet50
 
-from l2sp import fisher
+import l2sp.fisher as fisher
 from l2sp.models.small_resnet import small_resnet
 
 
@@ -133,6 +133,19 @@ def run(
     # exact: K backward passes per chunk; on GPU (K = 1000) timed once, the caches being warm by now
     exact_rounds = 1 if device.type == "cuda" else rounds
     r |= race({"exact": (n_exact, est("exact", n=n_exact))}, device, exact_rounds, warmup=False)
+    report(r, K, chunk)
+    if classes is not None and classes < K:
+        tr = fisher.estimate(
+            model, [x[:n_exact]], method="exact", classes=classes, autocast=amp, chunk_size=chunk, progress=False
+        )
+        print(
+            f"exact truncated to the top {classes} of {K} classes by w_c (+1 importance-sampled tail class): "
+            f"predicted captured share {tr.metadata['predicted_share']:.3f}"
+        )
+
+
+def report(r: dict[str, float], K: int, chunk: int) -> None:
+    """Prints the examples/s of every job of :func:`run` and their ratios to the loop and to plain vmap."""
     loop, vm = r["loop"], r["vmap"]
     print(f"per-example loop (batch 1, one backward per example): {loop:9.1f} examples/s")
     print(f"plain torch.func vmap(grad) over chunks of 32        : {vm:9.1f} examples/s")
@@ -151,20 +164,6 @@ def run(
         f"{per_ex / K * 1e3:.3f} ms per (example, class) "
         f"= {per_ex * r['hooks']:.1f}x the mc (1 sample) cost"
     )
-    if classes is not None and classes < K:
-        tr = fisher.estimate(
-            model,
-            [x[:n_exact]],
-            method="exact",
-            classes=classes,
-            autocast=amp,
-            chunk_size=chunk,
-            progress=False,
-        )
-        print(
-            f"exact truncated to the top {classes} of {K} classes by w_c (+1 importance-sampled tail class): "
-            f"predicted captured share {tr.metadata['predicted_share']:.3f}"
-        )
 
 
 def main() -> None:
