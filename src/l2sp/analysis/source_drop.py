@@ -2,12 +2,14 @@
 
 The fine-tuned network gets the *original* source classifier back (its own head removed) and is evaluated
 on the source test set; the drop is  acc(source model) − acc(fine-tuned body + source head), in points.
+For segmentation (:func:`segmentation_source_drop`), the fine-tuned backbone goes back into the ImageNet
+classifier it came from (its own strides, its classification layers) and is scored the same way.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -85,3 +87,70 @@ def source_task_drop(
     source_acc = accuracy(source_model, loader, device=device)
     reattached_acc = accuracy(model, loader, device=device)
     return {"source_acc": source_acc, "reattached_acc": reattached_acc, "drop": source_acc - reattached_acc}
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, loader: Iterable, indices: torch.Tensor | None,
+          device: torch.device) -> tuple[float, float | None]:
+    """Top-1 % over all classes and, with ``indices``, over those classes only (argmax_{k ∈ indices} z_k)."""
+    was_training = model.training
+    model.eval()
+    hits, hits_restricted, total = 0, 0, 0
+    try:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise L2SPError("the source loader must yield (images, labels); pass a labelled loader")
+            x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+            z = model(x)
+            hits += int((z.argmax(-1) == y).sum())
+            if indices is not None:
+                hits_restricted += int((indices[z.index_select(-1, indices).argmax(-1)] == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise L2SPError("the source loader yielded no examples; pass a non-empty source test set")
+    return 100.0 * hits / total, (100.0 * hits_restricted / total if indices is not None else None)
+
+
+def segmentation_source_drop(
+    finetuned: nn.Module,
+    source_model: nn.Module,
+    loader: Iterable,
+    *,
+    indices: Sequence[int] | None = None,
+    source_bn_statistics: bool = False,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Source-task drop of a fine-tuned segmentation network (the paper's Table 5, for its backbone).
+
+    The backbone tensors of ``finetuned`` (``backbone.*``) are put back into a copy of the ImageNet classifier
+    ``source_model`` (``l2sp.segmentation.models.reattach_classifier``: the source's strides, without dilation,
+    and its own classification layers: ResNet ``fc``, MobileNetV2 ``features.18`` + ``classifier``), and both
+    networks score ``loader``'s (images, ImageNet labels):
+    ``{"source_acc", "reattached_acc", "drop"}`` in percent, drop = source_acc − reattached_acc.
+    ``indices`` (the classes present, e.g. Tiny ImageNet's 200): also ``"*_restricted"`` scores, argmax over
+    those classes only. ``source_bn_statistics``: the re-attached network keeps the source's BatchNorm running
+    statistics (only the learned parameters moved).
+    """
+    from l2sp.segmentation.models import reattach_classifier
+
+    device = torch.device(device) if device is not None else next(source_model.parameters()).device
+    model = reattach_classifier(finetuned, source_model)
+    if source_bn_statistics:
+        src = source_model.state_dict()
+        model.load_state_dict({k: (src[k] if "running_" in k else v) for k, v in model.state_dict().items()})
+    model.to(device)
+    source = source_model if all(p.device == device for p in source_model.parameters()) else \
+        copy.deepcopy(source_model).to(device)
+    idx = None
+    if indices is not None:
+        if len(indices) == 0 or len(set(indices)) != len(indices):
+            raise L2SPError("indices must be a non-empty list of distinct class indices (the classes present)")
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=device)
+    src_acc, src_r = _top1(source, loader, idx, device)
+    new_acc, new_r = _top1(model, loader, idx, device)
+    out = {"source_acc": src_acc, "reattached_acc": new_acc, "drop": src_acc - new_acc}
+    if idx is not None:
+        out.update(source_acc_restricted=src_r, reattached_acc_restricted=new_r, drop_restricted=src_r - new_r)
+    return out
