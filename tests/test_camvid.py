@@ -153,3 +153,30 @@ def test_segmentation_source_drop_on_tiny_imagenet(shared_dir, weights):
     stats = {k: v for k, v in source.state_dict().items() if "running_" in k}
     assert kept["reattached_acc"] == _by_hand({**feats, **stats}, source, x, y, indices)[0]
     assert set(kept) == {"source_acc", "reattached_acc", "drop"}
+
+
+@pytest.mark.parametrize("head", ["deeplab", "fcn"])
+def test_camvid_presets_resolve(head):
+    from l2sp.segmentation.config import resolve_segmentation, segmentation_presets
+
+    names = [f"camvid-{head}-mobilenetv2-{kind}" for kind in ("l2", "l2-sp")]
+    assert set(names) <= set(segmentation_presets())
+    l2, sp = (resolve_segmentation(n, ["data.root=/data/camvid"]) for n in names)
+    for cfg in (l2, sp):
+        assert (cfg.task, cfg.model.backbone, cfg.model.output_stride) == ("segmentation", "mobilenet_v2", 16)
+        assert cfg.model.name == {"deeplab": "deeplabv3", "fcn": "fcn"}[head]
+        assert cfg.model.checkpoint.endswith("mobilenet_v2_imagenet.safetensors") and not cfg.model.backbone_weights
+        assert (cfg.data.dataset, cfg.data.root, cfg.data.crop, cfg.data.normalization) == (
+            "camvid", "/data/camvid", [360, 480], "half")
+        assert (cfg.data.train_split, cfg.data.val_split, cfg.data.scale_range, cfg.data.flip) == (
+            "train", "test", None, True)
+        assert (cfg.reg.alpha, cfg.reg.beta, cfg.optim.batch_size, cfg.optim.steps) == (1e-4, 1e-3, 8, 6000)
+        assert cfg.train.freeze_bn_statistics and cfg.optim.momentum == 0.9
+    assert (l2.reg.kind, sp.reg.kind) == ("l2", "l2-sp")
+    assert l2.to_dict() | {"reg": None, "name": None} == sp.to_dict() | {"reg": None, "name": None}
+    if head == "deeplab":
+        assert (l2.optim.schedule, l2.optim.lr, l2.eval.flip) == ("poly", 0.01, True)
+        assert l2.eval.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    else:
+        assert (l2.optim.schedule, l2.optim.lr, l2.eval.scales, l2.eval.flip) == ("constant", 0.005, [1.0], False)
+    assert len(DATASETS[l2.data.dataset].classes) == 11
