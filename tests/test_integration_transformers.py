@@ -183,3 +183,70 @@ def test_parameter_efficient_fine_tuning_governs_only_trainable_parameters():
     with torch.no_grad():
         model.body.lora_B.add_(1.0)
     assert reg().item() == pytest.approx(ALPHA / 2 * model.body.lora_B.numel(), rel=1e-6)
+
+
+def readme_blocks():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Use it where you train", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_trainer_block_runs_as_written(tmp_path, monkeypatch):
+    """The README's 🤗 block, with `name` a local folder holding a tiny ViT (no download)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=5)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit-source")
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3}
+
+    ns = {"name": str(tmp_path / "vit-source"), "num_classes": 3, "train_ds": Images()}
+    exec(readme_blocks()[2], ns)
+    (cb,) = [c for c in ns["trainer"].callback_handler.callbacks if isinstance(c, L2SPCallback)]
+    reg = cb.regularizer
+    assert reg.novel == ["classifier.weight", "classifier.bias"]  # the new 3-way head
+    assert "vit.embeddings.patch_embeddings.projection.weight" in reg.shared
+    assert ns["trainer"].state.global_step == 3 and ns["model"].classifier.out_features == 3
+
+
+def test_docs_vision_recipe_runs_as_written(tmp_path, monkeypatch):
+    """docs/integrations.md's ViT recipe; only the hub id is replaced by a local folder (no download)."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    recipe = text.split("### Recipe", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", recipe, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = tmp_path / "vit-source"
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=5)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(local)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(local)
+    g = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog", "fox"):
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / label / f"{i}.png")
+    assert code.count('"google/vit-base-patch16-224"') == 1
+    ns = {"__name__": "recipe"}
+    exec(code.replace('"google/vit-base-patch16-224"', repr(str(local))), ns)
+    reg = ns["l2sp_callback"].regularizer
+    assert reg.novel == ["classifier.weight", "classifier.bias"] and len(reg.shared) > 10
+    assert ns["trainer"].state.global_step == 10  # 6 images, batch 32, 10 epochs
