@@ -126,3 +126,93 @@ def test_new_head_is_novel_even_with_the_source_class_count(tmp_path):
     )
     keep = build_model("small_resnet", 5, weights=str(path), in_channels=1, replace=False)
     assert keep.penalty_source is keep.source_state  # no surgery: the head stays in S
+
+
+# --------------------------------------------------------------------------------------------------- timm
+TIMM_ARCHS = [("resnet10t", "fc"), ("mobilenetv3_small_050", "classifier")]
+
+
+def _timm_source(tmp_path, name: str, classes: int = 10):
+    """A timm network with a ``classes``-way head and non-trivial BN statistics, saved as the 'pre-trained' file."""
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model(name, pretrained=False, num_classes=classes).eval()
+    for m in src.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / f"{name}.safetensors"
+    save_tensors(path, src.state_dict())
+    return src, path
+
+
+def _timm_weights(route: str, path, classes: int = 10) -> tuple[str, dict]:
+    """(model.weights, model.options): timm's 'pretrained' loader pointed at the local file, or the file itself."""
+    if route == "pretrained":
+        return "pretrained", {"pretrained_cfg_overlay": {"file": str(path), "num_classes": classes}}
+    return str(path), {}
+
+
+@pytest.mark.parametrize("route", ["pretrained", "checkpoint"])
+@pytest.mark.parametrize("name, head", TIMM_ARCHS)
+def test_timm_keeps_its_pretrained_head_in_w0_and_source_head(tmp_path, name, head, route):
+    """timm:NAME: w0 and the source head are the file's (10 classes), taken before the 4-way head replaces it."""
+    src, path = _timm_source(tmp_path, name)
+    weights, options = _timm_weights(route, path)
+    built = build_model(f"timm:{name}", 4, weights=weights, options=options)
+    file_state = src.state_dict()
+    assert built.head_name == head
+    assert set(built.source_state) == set(file_state)
+    assert all(torch.equal(built.source_state[k], v) for k, v in file_state.items())  # head included
+    assert built.source_head.out_features == 10
+    assert torch.equal(built.source_head.weight, src.get_submodule(head).weight)
+    assert torch.equal(built.source_head.bias, src.get_submodule(head).bias)
+    new = built.model.get_submodule(head)
+    assert new.out_features == 4 and torch.count_nonzero(new.bias) == 0
+    assert new.weight.std().item() == pytest.approx(0.01, rel=0.2)  # the paper's N(0, 0.01²) head
+    body = {k: v for k, v in built.model.state_dict().items() if not k.startswith(head + ".")}
+    assert all(torch.equal(v, file_state[k]) for k, v in body.items())  # the body is the pre-trained one
+    reg = l2sp.regularizer("l2-sp", built.model, built.penalty_source, alpha=0.1, beta=0.01)
+    names = [n for n, _ in built.model.named_parameters()]
+    assert set(reg.novel) == {f"{head}.weight", f"{head}.bias"}  # S̄: the new head only
+    assert set(reg.shared) == set(names) - set(reg.novel)  # S: everything else
+    assert float(reg().detach()) == pytest.approx(0.01 / 2 * float(new.weight.detach().pow(2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, head", TIMM_ARCHS[:1])
+def test_timm_source_drop_reattaches_the_pretrained_head(tmp_path, name, head):
+    """The source model rebuilt from the same weights carries the file's head; re-attached onto the untouched
+    body it reproduces the source logits exactly (drop 0), and a changed body shows a drop."""
+    from l2sp.analysis import reattach_head, source_task_drop
+    from l2sp.models import pretrained
+
+    src, path = _timm_source(tmp_path, name, classes=3)
+    weights, options = _timm_weights("pretrained", path, classes=3)
+    built = build_model(f"timm:{name}", 2, weights=weights, options=options)
+    source_model = pretrained(f"timm:{name}", weights, 2, options=options).eval()
+    assert source_model.get_submodule(head).out_features == 3
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        ref = src(x)
+        assert torch.equal(source_model(x), ref)
+        back = reattach_head(built.model, source_model, head).eval()
+        assert torch.equal(back(x), ref)
+    y = ref.argmax(-1)
+    res = source_task_drop(built.model, source_model, head, [(x, y)])
+    assert res == {"source_acc": 100.0, "reattached_acc": 100.0, "drop": 0.0}
+    with torch.no_grad():
+        for p in built.model.parameters():
+            p.add_(torch.randn_like(p))  # a body far from w0 forgets the source task
+    assert source_task_drop(built.model, source_model, head, [(x, y)])["drop"] > 0
+
+
+def test_timm_rejects_unknown_weights_and_resets_non_linear_heads():
+    import timm
+
+    with pytest.raises(L2SPError, match="not understood for timm:resnet10t; use 'pretrained'"):
+        build_model("timm:resnet10t", 3, weights="DEFAULT")
+    m = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    m.fc = nn.Conv2d(m.num_features, 5, 1)  # a head that is not nn.Linear: the model's reset_classifier
+    name, old = replace_head(m, 7)
+    assert name == "fc" and old.out_channels == 5 and m.fc.out_features == 7

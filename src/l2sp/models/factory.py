@@ -4,7 +4,8 @@
 ("resnet101", "mobilenet_v2", ...), or "timm:NAME" (needs timm). ``weights``: None (random
 initialisation, for pre-training from scratch), a torchvision weights name ("DEFAULT", "IMAGENET1K_V2"),
 "pretrained" (timm), or a local checkpoint file (``.safetensors``, or ``.pt``/``.pth`` loaded with
-``weights_only=True``) whose head size is read from the file.
+``weights_only=True``) whose head size is read from the file. A pre-trained network is built with its
+original head (timm included), so that w0 and the source head are snapshotted before the head is replaced.
 """
 
 from __future__ import annotations
@@ -61,17 +62,7 @@ def create(
             )
         return small_resnet(num_classes=num_classes, in_channels=in_channels, **options)
     if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise L2SPError(f"model.arch={arch} needs timm; pip install timm") from exc
-        return timm.create_model(
-            arch[5:],
-            pretrained=weights == "pretrained",
-            num_classes=num_classes,
-            in_chans=in_channels,
-            **options,
-        )
+        return create_timm(arch, num_classes, in_channels, weights, options)
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -90,6 +81,31 @@ def create(
                 f"DEFAULT, {', '.join(valid)}, or a checkpoint file path"
             ) from exc
     return torchvision.models.get_model(arch, num_classes=num_classes, **options)
+
+
+def create_timm(
+    arch: str, num_classes: int, in_channels: int = 3, weights: str | None = None, options: dict | None = None
+) -> nn.Module:
+    """``timm:NAME``: random with ``num_classes`` outputs, or (``weights="pretrained"``) with timm's weights
+    *and their original head*, so that w0 and the source head are taken before the head is replaced.
+
+    Pre-trained weights come from timm's hub, or from a local file with
+    ``options={"pretrained_cfg_overlay": {"file": PATH}}`` (add ``"num_classes": N`` for a head other than
+    the model's default).
+    """
+    try:
+        import timm
+    except ImportError as exc:
+        raise L2SPError(f"model.arch={arch} needs timm; pip install 'l2sp[timm]'") from exc
+    options = dict(options or {})
+    if weights == "pretrained":  # no num_classes: timm would drop the pre-trained head
+        return timm.create_model(arch[5:], pretrained=True, in_chans=in_channels, **options)
+    if weights is not None:
+        raise L2SPError(
+            f"model.weights={weights!r} is not understood for {arch}; use 'pretrained' (timm's weights), "
+            "a checkpoint file path, or nothing (random initialisation)"
+        )
+    return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
 
 
 def load_checkpoint_into(
@@ -125,7 +141,11 @@ def load_checkpoint_into(
 def pretrained(
     arch: str, weights: str | None, num_classes: int, in_channels: int = 3, options: dict | None = None
 ) -> nn.Module:
-    """The source network as it was pre-trained (its original head), or a random one if weights is None."""
+    """The source network as it was pre-trained (its original head), or a random one if weights is None.
+
+    ``num_classes`` sizes the head of a random network only; a pre-trained one keeps its own head (a checkpoint
+    file's size, torchvision's or timm's).
+    """
     if is_checkpoint_path(weights):
         return load_checkpoint_into(arch, weights, in_channels, options, num_classes)
     return create(arch, num_classes, in_channels, weights, options)

@@ -54,10 +54,17 @@ def new_head(in_features: int, num_classes: int, std: float = 0.01) -> nn.Linear
 def replace_head(
     model: nn.Module, num_classes: int, std: float = 0.01, name: str | None = None
 ) -> tuple[str, nn.Module]:
-    """Replace the classifier by :func:`new_head`; returns (its dotted name, the old head)."""
+    """Replace the classifier by :func:`new_head`; returns (its dotted name, the old head).
+
+    A classifier that is not an ``nn.Linear`` (a 1x1 convolution, ...) is replaced by the model's own
+    ``reset_classifier(num_classes)`` when it has one (timm models), with that method's initialisation.
+    """
     name = name or find_head(model)
     old = model.get_submodule(name)
     if not isinstance(old, nn.Linear):
+        if callable(getattr(model, "reset_classifier", None)):
+            model.reset_classifier(num_classes)
+            return name, old
         raise L2SPError(f"classifier {name} is a {type(old).__name__}, not nn.Linear; replace it yourself")
     head = new_head(old.in_features, num_classes, std).to(device=old.weight.device, dtype=old.weight.dtype)
     set_submodule(model, name, head)
