@@ -2,6 +2,7 @@
 random draws), determinism per (seed, step), uint8 storage, build_task(device=...), one-line errors."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -130,7 +131,9 @@ def test_build_task_on_device_equals_file_task(tmp_path):
     kw = {"root": str(root), "n_per_class": 4, "val_per_class": 1, "test_per_class": 2, "image_size": 16,
           "resize": 20, "ten_crop": True, "check": "none"}
     files = build_task("imagefolder", **kw)
+    state = torch.get_rng_state()
     dev = build_task("imagefolder", device="cpu", **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # building draws nothing from the global RNG
     assert dev.split == files.split and dev.split["train_mean"] is not None
     assert [len(d) for d in (dev.train, dev.val, dev.test)] == [9, 3, 6]
     assert dev.train.images.dtype == torch.uint8 and dev.train.images.shape == (9, 3, 20, 20)
@@ -146,6 +149,9 @@ def test_build_task_on_device_equals_file_task(tmp_path):
         assert torch.equal(torch.stack([a[i][0] for i in range(len(a))]), b.get_batch(range(len(b)))[0])
     again = task_from_split(dev.split, device="cpu")
     assert torch.equal(again.test.images, dev.test.images)
+    test_files = [p for p, _ in files.test.samples]
+    assert torch.equal(decode_files(test_files, 20, workers=1), dev.test.images)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def _fashion_root(tmp_path):
@@ -188,3 +194,33 @@ def test_errors_are_one_line(tmp_path):
         with pytest.raises(L2SPError, match=match) as info:
             make()
         assert "\n" not in str(info.value)
+
+
+def test_finetune_with_data_on_device_follows_the_file_run(tmp_path):
+    """``data.on_device=true`` (device = the CPU here) trains exactly the run the file datasets train: same
+    batches, same losses, same weights."""
+    import dataclasses
+
+    from l2sp.engine.config import DataConfig, resolve
+    from l2sp.engine.run import finetune
+    from l2sp.io import load_tensors
+
+    if "on_device" not in {f.name for f in dataclasses.fields(DataConfig)}:
+        pytest.skip("the engine has no data.on_device switch")
+    root = _write_folder(tmp_path / "imgs")
+    cfg = {"model": {"arch": "small_resnet", "options": {"widths": [4, 8, 8]}},
+           "data": {"task": "imagefolder", "root": str(root), "n_per_class": 4, "val_per_class": 1,
+                    "image_size": 16, "resize": 20, "normalization": "train-mean",
+                    "options": {"test_per_class": 2, "check": "none"}},
+           "reg": {"kind": "l2", "alpha": 0.01, "beta": 0.01},
+           "optim": {"lr": 0.05, "batch_size": 4, "steps": 6, "milestones": [4]},
+           "train": {"device": "cpu", "quiet": True, "tensorboard": False, "channels_last": False, "log_every": 1,
+                     "save_checkpoint": False}}
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"run-{on}"
+        runs[on] = finetune(resolve(cfg, {"data.on_device": on}), out=str(out))
+        runs[on]["weights"] = load_tensors(out / "model.safetensors")[0]
+        runs[on]["losses"] = [json.loads(ln).get("loss") for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert runs[True]["losses"] == runs[False]["losses"] and runs[True]["test_acc"] == runs[False]["test_acc"]
+    assert all(torch.equal(v, runs[False]["weights"][k]) for k, v in runs[True]["weights"].items())

@@ -169,7 +169,10 @@ def decode_files(files: Sequence[str], size: int, *, device: Device = "cpu", wor
     bilinear, ``v2.Resize``) and write them into one uint8 ``(N, 3, size, size)`` tensor on ``device``;
     ``workers`` DataLoader processes decode in parallel."""
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8, device=device)
-    loader = DataLoader(_Decoded(files, size), batch_size=None, num_workers=workers)
+    decoded = _Decoded(files, size)
+    # workers: a loader with its own generator (starting one must not draw from the global RNG)
+    loader = (DataLoader(decoded, batch_size=None, num_workers=workers, generator=torch.Generator())
+              if workers > 0 else (decoded[i] for i in range(len(decoded))))
     for i, img in enumerate(loader):
         out[i].copy_(img, non_blocking=False)
     return out
