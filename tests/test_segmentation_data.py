@@ -305,3 +305,14 @@ def test_half_normalization_maps_pixels_to_minus_one_one():
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)  # the crop is the whole image
     with pytest.raises(L2SPError, match="unknown normalization 'tf'"):
         eval_transform(normalization="tf")
+
+
+def test_colorize_uses_the_palette_and_void():
+    from l2sp.segmentation.data import CAMVID_COLORS, colorize
+
+    mask = torch.tensor([[0, 3, 255], [10, 11, 5]])
+    rgb = colorize(mask)
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == torch.uint8
+    assert rgb[0, 1].tolist() == [128, 64, 128] == list(CAMVID_COLORS[3])  # road, SegNet's colour
+    assert rgb[0, 2].tolist() == [0, 0, 0] == rgb[1, 1].tolist()  # void and out-of-range values
+    assert rgb[1, 0].tolist() == [0, 128, 192]

@@ -65,7 +65,7 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 __all__ = ["CAMVID_CLASSES", "CAMVID_COLORS", "CAMVID_NAMES", "CAMVID_SPLIT_SIZES", "CITYSCAPES_CLASSES",
            "CITYSCAPES_NAMES", "DATASETS", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "SBD_CLASSES",
            "VOC_NAMES", "CamVidSegmentation", "CityscapesSegmentation", "MaskToLong", "RandomScale",
-           "SBDSegmentation", "SegDataset", "SegmentationFiles", "build_dataset", "cityscapes_train_id_lut",
+           "SBDSegmentation", "SegDataset", "SegmentationFiles", "build_dataset", "cityscapes_train_id_lut", "colorize",
            "eval_transform", "train_transform"]
 
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
@@ -80,6 +80,14 @@ def cityscapes_train_id_lut(ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         if c.id >= 0 and 0 <= c.train_id < CITYSCAPES_CLASSES and not c.ignore_in_eval:
             lut[c.id] = c.train_id
     return lut
+
+
+def colorize(mask: torch.Tensor, colors: Sequence[Sequence[int]] = CAMVID_COLORS,
+             void: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """A (H, W, 3) uint8 picture of a class-index mask: class k in ``colors[k]``, every other value in ``void``."""
+    table = torch.tensor([*colors, void], dtype=torch.uint8)
+    m = torch.as_tensor(mask).long()
+    return table[torch.where((m >= 0) & (m < len(colors)), m, torch.full_like(m, len(colors)))]
 
 
 def _need_dir(path: Path, what: str) -> None:
