@@ -1,8 +1,9 @@
-"""The six penalties against independent float64 computations, autograd, and their definitions."""
+"""The six penalties against independent float64 computations, autograd, and their definitions.
 
-import math
+The checks every kind passes live in penalty_checks.py (tests/test_custom_penalty.py runs them on a kind
+registered from outside the library); this file runs them on the built-ins and tests what is specific to them.
+"""
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -10,87 +11,68 @@ from torch import nn
 
 import l2sp
 from l2sp import L2SPError
+from l2sp.penalties import get_penalty, penalty_names
+from penalty_checks import (
+    check_add_grad,
+    check_attach_trajectory,
+    check_decoupled,
+    check_gradcheck,
+    check_prox,
+    check_value,
+    fisher_for,
+    make,
+    pretrained_and_finetuned,
+    reference_value,
+    tiny_net,
+)
 
-SMOOTH_KINDS = ("l2", "l2-sp", "l2-sp-fisher")
-
-
-def tiny_net(n_out=5, dtype=torch.float64):
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, n_out),
-    ).to(dtype)
-
-
-def pretrained_and_finetuned(dtype=torch.float64, jitter=0.3):
-    """A 'source' net, its snapshot, then a new head and moved weights (w != w0 everywhere)."""
-    model = tiny_net(7, dtype)
-    w0 = l2sp.snapshot(model)
-    model[7] = nn.Linear(6, 3).to(dtype)  # new head: S̄
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(jitter * torch.randn_like(p))
-    return model, w0
+BUILTIN = l2sp.KINDS
+PROXIMAL = tuple(k for k in BUILTIN if get_penalty(k).has_prox)
 
 
-def fisher_for(model, dtype=torch.float64):
-    return {n: torch.rand(p.shape, dtype=dtype) + 0.1 for n, p in model.named_parameters()}
+def test_registry_lists_the_six_builtins_first_with_their_flags():
+    assert BUILTIN == ("l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp", "gl-sp-fisher")
+    assert penalty_names()[:6] == BUILTIN
+    flags = {k: (c.label, c.needs_w0, c.needs_fisher, c.grouped, c.smoothed, c.has_prox)
+             for k in BUILTIN for c in [get_penalty(k)]}
+    assert flags == {
+        "l2": ("L2", False, False, False, False, True),
+        "l2-sp": ("L2-SP", True, False, False, False, True),
+        "l2-sp-fisher": ("L2-SP-Fisher", True, True, False, False, True),
+        "l1-sp": ("L1-SP", True, False, False, True, True),
+        "gl-sp": ("GL-SP", True, False, True, True, True),
+        "gl-sp-fisher": ("GL-SP-Fisher", True, True, True, True, False),
+    }
+    assert PROXIMAL == ("l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp")
 
 
-def reference_value(kind, model, w0, fisher, alpha, beta, eps=None):
-    """Ω by the paper's equations, parameter by parameter, in float64 (eps: smoothing for L1/GL)."""
-    total = 0.0
-    for name, p in model.named_parameters():
-        w = p.detach().double()
-        in_s = kind == "l2" or (name in w0 and w0[name].shape == p.shape)
-        if not in_s:
-            total += beta / 2 * (w ** 2).sum().item()
-            continue
-        d = w if kind == "l2" else w - w0[name].double()
-        f = fisher[name].double() if fisher is not None else None
-        if kind in ("l2", "l2-sp"):
-            total += alpha / 2 * (d ** 2).sum().item()
-        elif kind == "l2-sp-fisher":
-            total += alpha / 2 * (f * d ** 2).sum().item()
-        elif kind == "l1-sp":
-            a = d.abs() if eps is None else (d ** 2 + eps).sqrt()
-            total += alpha * a.sum().item()
-        else:
-            rows = d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(-1, 1)
-            fr = None if f is None else (f.reshape(f.shape[0], -1) if f.dim() >= 2 else f.reshape(-1, 1))
-            for i in range(rows.shape[0]):
-                sq = (rows[i] ** 2 if fr is None else fr[i] * rows[i] ** 2).sum().item()
-                norm = math.sqrt(sq) if eps is None else math.sqrt(sq + eps)
-                total += alpha * math.sqrt(rows.shape[1]) * norm
-    return total
+def test_registry_refuses_duplicates_and_unknown_names():
+    with pytest.raises(L2SPError, match="'l2-sp' is already registered") as info:
+        l2sp.register_penalty("l2-sp")(type("Again", (l2sp.Penalty,), {}))
+    assert "\n" not in str(info.value)
+    with pytest.raises(L2SPError, match="unknown regularizer kind 'l3-sp'; choose one of l2, l2-sp,"):
+        get_penalty("l3-sp")
+    with pytest.raises(L2SPError, match="must define value"):
+        l2sp.register_penalty("half-done")(type("HalfDone", (l2sp.Penalty,), {}))
+    assert "half-done" not in penalty_names()
+    with pytest.raises(L2SPError, match="subclass of l2sp.Penalty"):
+        l2sp.register_penalty("not-a-penalty")(object)
 
 
-def make(kind, model, w0, fisher=None, **kw):
-    kw.setdefault("alpha", 0.3)
-    kw.setdefault("beta", 0.05)
-    return l2sp.regularizer(kind, model, None if kind == "l2" else w0,
-                            fisher=fisher if kind.endswith("fisher") else None, **kw)
+def test_kind_options_are_checked():
+    model, w0 = pretrained_and_finetuned()
+    with pytest.raises(L2SPError, match="kind 'l2-sp' has no option gamma; its options: none"):
+        make("l2-sp", model, w0, gamma=1.0)
 
 
-@pytest.mark.parametrize("kind", l2sp.KINDS)
+@pytest.mark.parametrize("kind", BUILTIN)
 def test_value_matches_float64_reference(kind):
-    model, w0 = pretrained_and_finetuned()
-    fisher = fisher_for(model)
-    reg = make(kind, model, w0, fisher)
-    f = fisher if kind.endswith("fisher") else None
-    exact = reference_value(kind, model, w0, f, 0.3, 0.05)
-    assert reg.exact().item() == pytest.approx(exact, rel=1e-12)
-    smoothed = reference_value(kind, model, w0, f, 0.3, 0.05, eps=None if kind in SMOOTH_KINDS else 1e-16)
-    assert reg().item() == pytest.approx(smoothed, rel=1e-12)
+    check_value(kind)
 
 
-@pytest.mark.parametrize("kind", ["l1-sp", "gl-sp", "gl-sp-fisher"])
+@pytest.mark.parametrize("kind", [k for k in BUILTIN if get_penalty(k).smoothed])
 def test_smoothing_eps_enters_value(kind):
-    model, w0 = pretrained_and_finetuned()
-    fisher = fisher_for(model)
-    reg = make(kind, model, w0, fisher, eps=1e-2)
-    ref = reference_value(kind, model, w0, fisher if kind.endswith("fisher") else None, 0.3, 0.05, eps=1e-2)
-    assert reg().item() == pytest.approx(ref, rel=1e-12)
-    assert reg().item() > reg.exact().item()
+    check_value(kind, eps=1e-2)
 
 
 def test_l2_with_source_uses_beta_on_new_layers():
@@ -101,29 +83,15 @@ def test_l2_with_source_uses_beta_on_new_layers():
     assert reg().item() == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", l2sp.KINDS)
+@pytest.mark.parametrize("kind", BUILTIN)
 def test_gradcheck(kind):
-    model, w0 = pretrained_and_finetuned()
-    reg = make(kind, model, w0, fisher_for(model), eps=1e-3)
-    params = tuple(model.parameters())
-    # gradcheck perturbs the inputs in place: they are the very tensors the regularizer reads
-    assert torch.autograd.gradcheck(lambda *_: reg(), params, eps=1e-6, atol=1e-7, rtol=1e-5)
+    check_gradcheck(kind)
 
 
 @pytest.mark.parametrize("include", ["all", "weights"])
-@pytest.mark.parametrize("kind", l2sp.KINDS)
+@pytest.mark.parametrize("kind", BUILTIN)
 def test_add_grad_equals_autograd(kind, include):
-    model, w0 = pretrained_and_finetuned()
-    reg = make(kind, model, w0, fisher_for(model), include=include)
-    params = list(model.parameters())
-    expected = torch.autograd.grad(reg(), params, allow_unused=True)
-    start = [torch.randn_like(p) for p in params]
-    for p, s in zip(params, start):
-        p.grad = s.clone()
-    reg.add_grad_()
-    for p, s, e in zip(params, start, expected):
-        e = torch.zeros_like(p) if e is None else e
-        torch.testing.assert_close(p.grad, s + e, rtol=1e-10, atol=1e-12)
+    check_add_grad(kind, include)
 
 
 def test_add_grad_allocates_missing_grads():
@@ -135,41 +103,23 @@ def test_add_grad_allocates_missing_grads():
         torch.testing.assert_close(p.grad, expected.detach())
 
 
-def train(model, reg_mode, kind, w0, steps=6, opt="sgd", dtype=torch.float64):
-    """A few optimizer steps on a fixed regression batch, with the penalty as a loss term or attached."""
-    torch.manual_seed(1)
-    x, y = torch.randn(8, 3, 9, 9, dtype=dtype), torch.randint(0, 3, (8,))
-    reg = make(kind, model, w0, fisher_for(model) if kind.endswith("fisher") else None, eps=1e-4)
-    if opt == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    handle = reg.attach(optimizer, reg_mode) if reg_mode != "loss" else None
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if reg_mode == "loss":
-            loss = loss + reg()
-        loss.backward()
-        optimizer.step()
-    if handle:
-        handle.remove()
-    return [p.detach().clone() for p in model.parameters()]
+def test_add_grad_scale_multiplies_the_gradient():
+    model, w0 = pretrained_and_finetuned()
+    reg = make("gl-sp", model, w0)
+    reg.add_grad_()
+    once = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    reg.add_grad_(scale=256.0)
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 256.0 * g, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "closure"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-@pytest.mark.parametrize("kind", l2sp.KINDS)
-def test_attach_coupled_follows_the_loss_term_trajectory(kind, opt):
-    torch.manual_seed(0)
-    model, w0 = pretrained_and_finetuned(jitter=0.0)  # start at w0, as fine-tuning does
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    a = train(model, "loss", kind, w0, opt=opt)
-    model.load_state_dict(state)
-    b = train(model, "coupled", kind, w0, opt=opt)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
-    moved = max((x - state[n]).abs().max().item() for (n, _), x in zip(model.named_parameters(), a))
-    assert moved > 1e-3  # the trajectory went somewhere
+@pytest.mark.parametrize("kind", BUILTIN)
+def test_attach_coupled_follows_the_loss_term_trajectory(kind, opt, closure):
+    check_attach_trajectory(kind, opt, closure)
 
 
 def test_handle_remove_stops_the_penalty():
@@ -185,93 +135,22 @@ def test_handle_remove_stops_the_penalty():
         torch.testing.assert_close(p.detach(), q)
 
 
-@pytest.mark.parametrize("kind", l2sp.KINDS)
+@pytest.mark.parametrize("kind", BUILTIN)
 def test_decoupled_is_a_plain_gradient_step_on_the_penalty(kind):
-    model, w0 = pretrained_and_finetuned()
-    reg = make(kind, model, w0, fisher_for(model), eps=1e-4)
-    params = list(model.parameters())
-    lr = 0.01
-    penalty_grad = torch.autograd.grad(reg(), params)
-    loss_grad = [torch.randn_like(p) for p in params]
-    expected_w = [p.detach() - lr * g for p, g in zip(params, penalty_grad)]
-    # Adam's first step moves each weight by lr·sign(grad) (up to eps): applied to the shrunk weights
-    opt = torch.optim.Adam(params, lr=lr)
-    reg.attach(opt, "decoupled")
-    for p, g in zip(params, loss_grad):
-        p.grad = g.clone()
-    opt.step()
-    for p, e, g in zip(params, expected_w, loss_grad):
-        torch.testing.assert_close(p.detach(), e - lr * g / (g.abs() + 1e-8), rtol=1e-7, atol=1e-9)
+    check_decoupled(kind)
 
 
-def brute_force_prox(objective, v, groups):
-    """argmin_u objective(u) + ½‖u − v‖², group by group (every penalty here is separable over its groups),
-    with derivative-free Nelder-Mead from several starts, in float64."""
-    from scipy.optimize import minimize
-
-    u = v.clone().numpy()
-    for idx in groups:
-        def f(x, idx=idx):
-            full = torch.from_numpy(u.copy())
-            full[idx] = torch.from_numpy(x)
-            return objective(full, idx).item() + 0.5 * ((torch.from_numpy(x) - v[idx]) ** 2).sum().item()
-
-        starts = [v[idx].numpy(), v[idx].numpy() * 0.5, np.zeros(len(idx)) + v[idx].numpy().mean()]
-        best = min((minimize(f, x0, method="Nelder-Mead",
-                             options={"xatol": 1e-11, "fatol": 1e-15, "maxiter": 20000}) for x0 in starts),
-                   key=lambda r: r.fun)
-        u[idx] = best.x
-    return torch.from_numpy(u)
-
-
-@pytest.mark.parametrize("kind", ["l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp"])
+@pytest.mark.parametrize("kind", PROXIMAL)
 def test_proximal_step_solves_its_definition(kind):
-    """The prox of lr·Ω at v is the minimizer of lr·Ω(u) + ½‖u − v‖²: compare to brute-force minimization."""
-    torch.manual_seed(3)
-    lin = nn.Linear(3, 4, dtype=torch.float64)  # weight 4×3: four groups of three for GL-SP
-    w0 = l2sp.snapshot(lin)
-    with torch.no_grad():
-        lin.weight.add_(0.2 * torch.randn_like(lin.weight))
-        lin.weight[1] = w0["weight"][1] + 0.01  # a group close to w0: exactly thresholded to w0
-        lin.bias.add_(torch.tensor([0.3, -0.01, 0.02, -0.5], dtype=torch.float64))
-    fisher = {n: torch.rand_like(p) + 0.2 for n, p in lin.named_parameters()}
-    reg = make(kind, lin, w0, fisher, alpha=0.8, beta=0.0)
-    lr = 0.5
-    v = torch.cat([p.detach().reshape(-1) for p in lin.parameters()])
-    ref = torch.cat([w0[n].reshape(-1) for n, _ in lin.named_parameters()])
-    f = torch.cat([fisher[n].reshape(-1) for n, _ in lin.named_parameters()])
-    alpha = 0.8 * lr
-
-    def objective(u, idx):  # the penalty restricted to the group idx (exact, unsmoothed)
-        d = (u if kind == "l2" else u - ref)[idx]
-        if kind in ("l2", "l2-sp"):
-            return alpha / 2 * (d ** 2).sum()
-        if kind == "l2-sp-fisher":
-            return alpha / 2 * (f[idx] * d ** 2).sum()
-        if kind == "l1-sp":
-            return alpha * d.abs().sum()
-        return alpha * math.sqrt(len(idx)) * d.norm()  # gl-sp: s_g = √p_g
-
-    opt = torch.optim.SGD(lin.parameters(), lr=lr)
-    reg.attach(opt, "proximal")
-    for p in lin.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    got = torch.cat([p.detach().reshape(-1) for p in lin.parameters()])
-    groups = ([list(range(3 * r, 3 * r + 3)) for r in range(4)] if kind == "gl-sp" else
-              [[j] for j in range(12)]) + [[j] for j in range(12, 16)]
-    brute = brute_force_prox(objective, v, groups)
-    total = lambda u: sum(objective(u, g).item() for g in groups) + 0.5 * ((u - v) ** 2).sum().item()  # noqa: E731
-    assert total(got) <= total(brute) + 1e-12  # at least as good as the numerical minimizer
-    torch.testing.assert_close(got, brute, atol=1e-6, rtol=0)
-    if kind in ("l1-sp", "gl-sp"):
-        torch.testing.assert_close(lin.weight[1], w0["weight"][1])  # thresholded exactly onto w0
+    lin, w0 = check_prox(kind)
+    if get_penalty(kind).smoothed:  # L1/GL: a group within lr·α of w0 is thresholded exactly onto it
+        torch.testing.assert_close(lin.weight[1], w0["weight"][1], rtol=0, atol=0)
 
 
 def test_proximal_refuses_group_lasso_fisher():
     model, w0 = pretrained_and_finetuned()
     reg = make("gl-sp-fisher", model, w0, fisher_for(model))
-    with pytest.raises(L2SPError, match="proximal"):
+    with pytest.raises(L2SPError, match="proximal works for 'l2', 'l2-sp', 'l2-sp-fisher', 'l1-sp', 'gl-sp'"):
         reg.attach(torch.optim.SGD(model.parameters(), lr=0.1), "proximal")
 
 
@@ -433,7 +312,7 @@ def test_errors_are_one_line():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("kind", l2sp.KINDS)
+@pytest.mark.parametrize("kind", BUILTIN)
 def test_float32_value_is_accurate_on_large_tensors(kind):
     """Ω of a float32 model with a 2.4M-element tensor matches float64 to 1e-6 (CPU float32 norms do not)."""
     torch.manual_seed(0)
@@ -444,9 +323,9 @@ def test_float32_value_is_accurate_on_large_tensors(kind):
         model[0].weight.add_(0.05 * torch.randn_like(model[0].weight))
     fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
     reg = make(kind, model, w0, fisher)
-    ref_fisher = {k: v.double() for k, v in fisher.items()} if kind.endswith("fisher") else None
+    ref_fisher = {k: v.double() for k, v in fisher.items()}
     expected = reference_value(kind, model, {k: v.double() for k, v in w0.items()}, ref_fisher, 0.3, 0.05,
-                               eps=None if kind in SMOOTH_KINDS else 1e-16)
+                               eps=1e-16 if get_penalty(kind).smoothed else None)
     value = reg()
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(expected, rel=1e-6)

@@ -51,17 +51,19 @@ class Penalized(Protocol):
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _closure_of(args: tuple, kwargs: dict) -> Callable | None:
-    if args and callable(args[0]):
-        return args[0]
-    closure = kwargs.get("closure")
-    return closure if callable(closure) else None
+def _closure_index(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> int | str | None:
+    """Where the step's closure is in the hook's (args, kwargs): args hold the optimizer itself first."""
+    i = 1 if args and args[0] is optimizer else 0
+    if len(args) > i and callable(args[i]):
+        return i
+    return "closure" if callable(kwargs.get("closure")) else None
 
 
-def _with_closure(args: tuple, kwargs: dict, closure: Callable) -> tuple[tuple, dict]:
-    if args and callable(args[0]):
-        return (closure, *args[1:]), kwargs
-    return args, {**kwargs, "closure": closure}
+def _with_closure(args: tuple, kwargs: dict, where: int | str, wrap: Callable[[Callable], Callable]) -> tuple:
+    """(args, kwargs) with the closure replaced by ``wrap(closure)``."""
+    if isinstance(where, int):
+        return (*args[:where], wrap(args[where]), *args[where + 1:]), kwargs
+    return args, {**kwargs, where: wrap(kwargs[where])}
 
 
 def _amp_scale(optimizer: torch.optim.Optimizer) -> float | None:
@@ -140,17 +142,17 @@ class RegularizerHandle:
         self._shrink_pending = False
         if scale is None or self.mode == "proximal":
             return None
-        closure = _closure_of(args, kwargs)
+        where = _closure_index(optimizer, args, kwargs)
         if self.mode == "coupled":
-            if closure is None:
+            if where is None:
                 self.regularizer.add_grad_(scale)
                 return None
-            return _with_closure(args, kwargs, self._coupled_closure(closure, scale))
-        if closure is None:
+            return _with_closure(args, kwargs, where, lambda c: self._coupled_closure(c, scale))
+        if where is None:
             self._shrink()
             return None
         self._shrink_pending = True
-        return _with_closure(args, kwargs, self._decoupled_closure(closure))
+        return _with_closure(args, kwargs, where, self._decoupled_closure)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._shrink_pending:  # the optimizer never called its closure: shrink all the same
