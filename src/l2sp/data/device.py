@@ -54,6 +54,7 @@ class PaperAugment(BatchAugment):
         super().__init__(train, crop, blur=blur, ten_crop=ten_crop, mean=mean, std=std)
         ref = ToFloatNormalized(mean, std)
         self.scale, self.shift = ref.scale, ref.shift
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sample(self, b: int, h: int, w: int, generator: torch.Generator | None = None
                ) -> dict[str, torch.Tensor]:
@@ -80,7 +81,10 @@ class PaperAugment(BatchAugment):
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
         """``x · 1/(255σ) − μ/σ`` (float32), the arithmetic of :class:`ToFloatNormalized`."""
         dev = x.device
-        return x.to(torch.float32).mul_(self.scale.to(dev)).sub_(self.shift.to(dev))
+        if dev not in self._consts:  # copied once per device
+            self._consts[dev] = (self.scale.to(dev), self.shift.to(dev))
+        scale, shift = self._consts[dev]
+        return x.to(torch.float32).mul_(scale).sub_(shift)
 
 
 def _check_images(images: torch.Tensor, labels: torch.Tensor, crop: int | None) -> None:

@@ -135,7 +135,7 @@ def batch_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torc
     they are several times faster than a depthwise ``conv2d``."""
     h, w = x.shape[-2:]
     # kernels computed on the CPU: the same numbers whatever x's device
-    k = gaussian_kernels(sigma.cpu(), size).to(device=x.device, dtype=x.dtype)[:, :, None, None, None]
+    k = gaussian_kernels(sigma.cpu(), size).to(x.device, x.dtype, non_blocking=True)[:, :, None, None, None]
     p = size // 2
     y = F.pad(x, (p, p, p, p), mode="reflect")
     rows = y[..., 0:w] * k[:, 0]
@@ -169,14 +169,15 @@ def batch_crops(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, crop: in
     crop windows."""
     windows = x.unfold(2, crop, 1).unfold(3, crop, 1)  # (B, C, H-crop+1, W-crop+1, crop, crop), no copy
     dev = x.device
-    return windows[torch.arange(x.shape[0], device=dev), :, top.to(dev), left.to(dev)]
+    top, left = top.to(dev, non_blocking=True), left.to(dev, non_blocking=True)  # no host sync on a GPU
+    return windows[torch.arange(x.shape[0], device=dev), :, top, left]
 
 
 def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Mirror ``x[b]`` (in place) where the host-side flag ``flip[b]`` is set (no device sync)."""
     idx = flip.cpu().nonzero().squeeze(1)
     if len(idx):
-        idx = idx.to(x.device)
+        idx = idx.to(x.device, non_blocking=True)
         x[idx] = x[idx].flip(-1)
     return x
 
@@ -186,7 +187,7 @@ def blur_where(x: torch.Tensor, blur: torch.Tensor, sigma: torch.Tensor) -> torc
     idx = blur.cpu().nonzero().squeeze(1)
     if len(idx):
         sig = sigma.cpu()[idx]
-        idx = idx.to(x.device)
+        idx = idx.to(x.device, non_blocking=True)
         x[idx] = batch_gaussian_blur(x[idx], sig, blur_kernel_size(BLUR_SIGMA[1]))
     return x
 
@@ -233,7 +234,7 @@ class BatchAugment:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
             return x
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return (x - self.mean.to(x.device, non_blocking=True)) / self.std.to(x.device, non_blocking=True)
 
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 crops → normalized float."""
