@@ -2,7 +2,9 @@
 
 ``build_task(name, ...)`` returns a :class:`TaskData`: train / val / test datasets of ``(image, label)``
 items (test items are ``(10, C, H, W)`` with ``ten_crop=True``) and a JSON-serialisable ``split`` record
-(seed, file lists or indices, training mean) that each run saves.
+(seed, file lists or indices, training mean) that each run saves. With ``device=...`` the datasets decode every
+image once and keep it on that device, augmenting whole batches there (:mod:`l2sp.data.device`); image packs
+(:mod:`l2sp.data.pack`) carry a task's files in one file to another machine.
 """
 
 from __future__ import annotations
