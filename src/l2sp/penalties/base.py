@@ -106,7 +106,7 @@ class Penalty:
     - ``smoothed``: ``value`` differs between ``exact=True`` and ``exact=False`` (√(d² + ε) for |d|).
     - ``has_prox``: :meth:`prox_` is the exact proximal step (``mode="proximal"``).
 
-    Methods (``b`` is a :class:`Block` with at least one tensor in S; α > 0):
+    Methods (``b`` is a :class:`Block` with at least one tensor in S, called unless :meth:`is_zero`):
 
     - ``value(b, acc, exact)`` -> Ω_S as a differentiable scalar of dtype ``acc`` (reductions in ``acc``).
     - ``add_grad_(b, out, scale)``: ``out += scale · ∇Ω_S(w)`` in place, with multi-tensor kernels.
@@ -140,6 +140,10 @@ class Penalty:
     def prox_(self, b: Block, lr: float) -> None:
         """w ← prox_{lr·Ω_S}(w) in place (only kinds with ``has_prox``)."""
         raise L2SPError(f"mode='proximal' has no closed form for {self.name!r}; use mode='coupled'")
+
+    def is_zero(self) -> bool:
+        """True when the coefficients make Ω_S ≡ 0 (then the regularizer skips it); override with more options."""
+        return not self.alpha
 
     def describe(self) -> str:
         """The summary text of the penalty on S, with its coefficients."""

@@ -206,7 +206,7 @@ class Regularizer(nn.Module):
         device = (b.shared or b.novel)[0].device
         acc = self._norm_dtype(device)
         total = torch.zeros((), dtype=acc, device=device)
-        if b.shared and self.penalty.alpha:
+        if b.shared and not self.penalty.is_zero():
             total = total + self.penalty.value(b, acc, exact)
         if b.novel and self.beta:
             total = total + self.beta / 2 * torch.stack(torch._foreach_norm(b.novel, 2, dtype=acc)).square().sum()
@@ -215,7 +215,7 @@ class Regularizer(nn.Module):
     @torch.no_grad()
     def _add_scaled_grad(self, b: Block, shared_out: list[Tensor], novel_out: list[Tensor], scale: float) -> None:
         """out += scale · ∇Ω(w) for block b, in place (smoothed gradient for smoothed kinds)."""
-        if b.shared and self.penalty.alpha:
+        if b.shared and not self.penalty.is_zero():
             self.penalty.add_grad_(b, shared_out, scale)
         if b.novel and self.beta:
             torch._foreach_add_(novel_out, b.novel, alpha=self.beta * scale)
@@ -300,7 +300,7 @@ class Regularizer(nn.Module):
     def prox_(self, block: Block, lr: float) -> None:
         """w ← argmin_u lr·Ω(u) + ½‖u − w‖², exactly, on the parameters of ``block``."""
         lr = float(lr)
-        if block.shared and self.penalty.alpha:
+        if block.shared and not self.penalty.is_zero():
             self.penalty.prox_(block, lr)
         if block.novel and self.beta:
             torch._foreach_mul_(block.novel, 1.0 / (1.0 + lr * self.beta))
