@@ -30,6 +30,28 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
+def _finish(
+    fig: Figure, ax, path: str | os.PathLike, labels: tuple[str, str, str], *, legend: int = 0, grid: dict | None = None
+) -> Path:
+    """Axis labels and title from ``labels`` = (x, y, title), a legend of font size ``legend`` (0: none), a grid
+    ``ax.grid(alpha=0.3, **grid)`` (None: none); then the PNG (:func:`save_figure`)."""
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=legend)
+    if grid is not None:
+        ax.grid(alpha=0.3, **grid)
+    return save_figure(fig, path)
+
+
+def _layer_ticks(ax, layers: Sequence[str]) -> None:
+    """One x tick per layer, labels slanted when there are more than six."""
+    slant = len(layers) > 6
+    ax.set_xticks(range(len(layers)), layers, rotation=60 if slant else 0, ha="right" if slant else "center", size=8)
+
+
 def _values(v) -> np.ndarray:
     a = v.detach().cpu().to(torch.float64).numpy() if isinstance(v, torch.Tensor) else np.asarray(v, float)
     return a[np.isfinite(a)].ravel()
@@ -87,13 +109,7 @@ def _grouped_boxplots(ax, runs: Mapping[str, Mapping[str, object]], *, positive:
                 medianprops={"color": "black"},
                 flierprops={"markersize": 2, "alpha": 0.4},
             )
-    ax.set_xticks(
-        range(len(layers)),
-        layers,
-        rotation=60 if len(layers) > 6 else 0,
-        ha="right" if len(layers) > 6 else "center",
-        fontsize=8,
-    )
+    _layer_ticks(ax, layers)
     ax.set_xlim(-0.6, len(layers) - 0.4)
     if len(labels) > 1 or labels[0]:
         from matplotlib.patches import Patch
@@ -112,11 +128,7 @@ def plot_r2_boxplots(
     ax = fig.add_subplot()
     _grouped_boxplots(ax, runs)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("R² per unit")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, ("layer", "R² per unit", title), grid={"axis": "y"})
 
 
 def plot_fisher_boxplots(
@@ -132,34 +144,35 @@ def plot_fisher_boxplots(
     ax = fig.add_subplot()
     _grouped_boxplots(ax, {"": by_layer}, positive=True)
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("Fisher information F_j (log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3, which="both")
-    return save_figure(fig, path)
+    labels = ("layer", "Fisher information F_j (log scale)", title)
+    return _finish(fig, ax, path, labels, grid={"axis": "y", "which": "both"})
 
 
 def _label(v) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
+def _table_axes(rows: Sequence[Mapping], keys: list[str], value: str, size) -> tuple[list[dict], Figure, object]:
+    """(mean/std of ``value`` per distinct ``keys``, a figure of ``size(aggregated rows)`` inches, its axes)."""
+    agg = aggregate(rows, keys, value)
+    fig = Figure(figsize=size(agg))
+    return agg, fig, fig.add_subplot()
+
+
+# the figures of a results table (one row per run): Figures 1, 2 and 3
 def plot_alpha_beta_heatmap(
-    rows: Sequence[Mapping],
-    path: str | os.PathLike,
-    *,
-    x: str = "alpha",
-    y: str = "beta",
-    value: str = "accuracy",
+    rows: Sequence[Mapping], path: str | os.PathLike, *, x: str = "alpha", y: str = "beta", value: str = "accuracy",
     title: str = "Accuracy vs penalty strengths",
 ) -> Path:
     """Figure 1: mean ``value`` over a grid of (α, β), values on log-spaced axes labelled by their values."""
-    agg = aggregate(rows, [x, y], value)
+    def size(agg: list[dict]) -> tuple[float, float]:
+        return 1.1 * len({r[x] for r in agg}) + 2.5, 0.7 * len({r[y] for r in agg}) + 2
+
+    agg, fig, ax = _table_axes(rows, [x, y], value, size)
     xs, ys = sorted({r[x] for r in agg}), sorted({r[y] for r in agg})
     grid = np.full((len(ys), len(xs)), np.nan)
     for r in agg:
         grid[ys.index(r[y]), xs.index(r[x])] = r["mean"]
-    fig = Figure(figsize=(1.1 * len(xs) + 2.5, 0.7 * len(ys) + 2))
-    ax = fig.add_subplot()
     im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
     fig.colorbar(im, ax=ax, label=value)
     ax.set_xticks(range(len(xs)), [_label(v) for v in xs])
@@ -171,61 +184,36 @@ def plot_alpha_beta_heatmap(
                 j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="black" if v > mid else "white"
             )
     greek = {"alpha": "α", "beta": "β"}
-    ax.set_xlabel(f"{greek.get(x, x)} (log scale)")
-    ax.set_ylabel(f"{greek.get(y, y)} (log scale)")
-    ax.set_title(title, fontsize=10)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, (f"{greek.get(x, x)} (log scale)", f"{greek.get(y, y)} (log scale)", title))
 
 
 def plot_penalty_bars(
-    rows: Sequence[Mapping],
-    path: str | os.PathLike,
-    *,
-    penalty: str = "penalty",
-    value: str = "accuracy",
+    rows: Sequence[Mapping], path: str | os.PathLike, *, penalty: str = "penalty", value: str = "accuracy",
     title: str = "Accuracy per penalty (mean ± std)",
 ) -> Path:
     """Figure 2 style: one bar per penalty, height the mean ``value``, error bar the std over runs."""
-    agg = aggregate(rows, [penalty], value)
-    fig = Figure(figsize=(max(4.0, 0.9 * len(agg) + 1.5), 3.8))
-    ax = fig.add_subplot()
+    agg, fig, ax = _table_axes(rows, [penalty], value, lambda agg: (max(4.0, 0.9 * len(agg) + 1.5), 3.8))
     means, stds = [r["mean"] for r in agg], [r["std"] for r in agg]
     ax.bar(range(len(agg)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(agg))])
     ax.set_xticks(range(len(agg)), [str(r[penalty]) for r in agg])
     lo, hi = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
     pad = max(0.5, 0.15 * (hi - lo))
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("penalty")
-    ax.set_ylabel(value)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, ("penalty", value, title), grid={"axis": "y"})
 
 
 def plot_freezing_curve(
-    rows: Sequence[Mapping],
-    path: str | os.PathLike,
-    *,
-    frozen: str = "frozen",
-    penalty: str = "penalty",
-    value: str = "accuracy",
-    title: str = "Accuracy vs number of frozen layers",
+    rows: Sequence[Mapping], path: str | os.PathLike, *, frozen: str = "frozen", penalty: str = "penalty",
+    value: str = "accuracy", title: str = "Accuracy vs number of frozen layers",
 ) -> Path:
     """Figure 3: mean ± std of ``value`` against the number of frozen blocks, one line per penalty."""
-    agg = aggregate(rows, [penalty, frozen], value)
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    agg, fig, ax = _table_axes(rows, [penalty, frozen], value, lambda _: (6, 4))
     for i, name in enumerate(dict.fromkeys(r[penalty] for r in agg)):
         pts = sorted((r[frozen], r["mean"], r["std"]) for r in agg if r[penalty] == name)
         k, m, s = (np.array(c, dtype=float) for c in zip(*pts))
         ax.errorbar(k, m, yerr=s, marker="o", capsize=3, label=str(name), color=f"C{i}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("number of frozen layers (from the input)")
-    ax.set_ylabel(value)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, ("number of frozen layers (from the input)", value, title), legend=8, grid={})
 
 
 def plot_layer_distance(
@@ -244,21 +232,11 @@ def plot_layer_distance(
     for i, (label, d) in enumerate(runs.items()):
         xs = [j for j, layer in enumerate(layers) if layer in d]
         ax.plot(xs, [d[layers[j]] for j in xs], marker="o", markersize=3, label=label, color=f"C{i}")
-    ax.set_xticks(
-        range(len(layers)),
-        layers,
-        rotation=60 if len(layers) > 6 else 0,
-        ha="right" if len(layers) > 6 else "center",
-        fontsize=8,
-    )
+    _layer_ticks(ax, layers)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("‖w − w0‖ / ‖w0‖" + (" (log scale)" if log else ""))
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return save_figure(fig, path)
+    labels = ("layer", "‖w − w0‖ / ‖w0‖" + (" (log scale)" if log else ""), title)
+    return _finish(fig, ax, path, labels, legend=8, grid={"which": "both"})
 
 
 def plot_linear_regression_theory(
@@ -289,12 +267,9 @@ def plot_linear_regression_theory(
     ax.axvspan(a.min(), hi, color="C1", alpha=0.08, label="L2-SP beats least squares")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("α (log scale)")
-    ax.set_ylabel("E‖ŵ − w*‖² (mean squared error, log scale)")
-    ax.set_title(title or "Linear regression: risk of the three estimators", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    return save_figure(fig, path)
+    title = title or "Linear regression: risk of the three estimators"
+    labels = ("α (log scale)", "E‖ŵ − w*‖² (mean squared error, log scale)", title)
+    return _finish(fig, ax, path, labels, legend=7, grid={"which": "both"})
 
 
 def plot_convex_combination(
