@@ -23,20 +23,21 @@ from l2sp.segmentation.models import backbone_state_dict, build_segmentation_mod
 from l2sp.segmentation.transforms import eval_transform, train_transform
 
 
+def _shared(shared_dir: Path, relative: str) -> Path:
+    path = shared_dir / relative
+    if not path.exists():
+        pytest.skip(f"../shared/{relative} is absent")
+    return path
+
+
 @pytest.fixture
 def camvid(shared_dir) -> Path:
-    root = shared_dir / "data" / "camvid"
-    if not root.is_dir():
-        pytest.skip("../shared/data/camvid is absent")
-    return root
+    return _shared(shared_dir, "data/camvid")
 
 
 @pytest.fixture
 def weights(shared_dir) -> Path:
-    path = shared_dir / "weights" / "mobilenet_v2_imagenet.safetensors"
-    if not path.is_file():
-        pytest.skip("../shared/weights/mobilenet_v2_imagenet.safetensors is absent")
-    return path
+    return _shared(shared_dir, "weights/mobilenet_v2_imagenet.safetensors")
 
 
 def test_official_split_and_items(camvid):
@@ -103,9 +104,7 @@ def test_l2sp_steps_on_camvid_crops_and_evaluation(camvid, weights):
 
 def tiny_imagenet_batch(shared_dir: Path, classes: int = 6, per_class: int = 2):
     """A few Tiny ImageNet val images at 224² (bilinear), inputs in [-1, 1], ImageNet-1k labels."""
-    root = shared_dir / "data" / "tiny-imagenet"
-    if not (root / "val").is_dir():
-        pytest.skip("../shared/data/tiny-imagenet is absent")
+    root = _shared(shared_dir, "data/tiny-imagenet")
     index = json.loads((root / "imagenet_index.json").read_text())
     xs, ys = [], []
     for wnid in sorted(index)[:classes]:
