@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         "r2": _r2,
         "distance": _distance,
         "fisher": _fisher,
-        "heatmap": _heatmap,
-        "penalties": _penalties,
-        "freezing": _freezing,
+        "heatmap": _table_figure,
+        "penalties": _table_figure,
+        "freezing": _table_figure,
         "theory": _theory,
     }[args.analysis]
     for path in handler(args, out):
@@ -272,39 +272,24 @@ def _fisher(args, out: Path) -> list[Path]:
     return paths
 
 
-def _heatmap(args, out: Path) -> list[Path]:
+# results-table analyses: file stem, plot function, its key options (in aggregation order), caption
+_TABLE_FIGURES = {
+    "heatmap": ("alpha_beta", "plot_alpha_beta_heatmap", ("x", "y"), "{value} vs ({x}, {y})"),
+    "penalties": ("penalties", "plot_penalty_bars", ("penalty",), "{value} per penalty (mean, std over runs)"),
+    "freezing": ("freezing", "plot_freezing_curve", ("penalty", "frozen"), "{value} vs number of frozen layers"),
+}
+
+
+def _table_figure(args, out: Path) -> list[Path]:
+    """heatmap / penalties / freezing: mean and std of ``--value`` per key from a CSV of runs, and the figure."""
     from l2sp.analysis import plots, tables
 
+    stem, plot, options, caption = _TABLE_FIGURES[args.analysis]
+    keys = {k: getattr(args, k) for k in options}
     rows = tables.read_csv(args.table)
-    agg = tables.aggregate(rows, [args.x, args.y], args.value)
-    paths = _tables(out, "alpha_beta", agg, f"{args.value} vs ({args.x}, {args.y})")
-    paths.append(
-        plots.plot_alpha_beta_heatmap(rows, out / "alpha_beta.png", x=args.x, y=args.y, value=args.value)
-    )
-    return paths
-
-
-def _penalties(args, out: Path) -> list[Path]:
-    from l2sp.analysis import plots, tables
-
-    rows = tables.read_csv(args.table)
-    agg = tables.aggregate(rows, [args.penalty], args.value)
-    paths = _tables(out, "penalties", agg, f"{args.value} per penalty (mean, std over runs)")
-    paths.append(plots.plot_penalty_bars(rows, out / "penalties.png", penalty=args.penalty, value=args.value))
-    return paths
-
-
-def _freezing(args, out: Path) -> list[Path]:
-    from l2sp.analysis import plots, tables
-
-    rows = tables.read_csv(args.table)
-    agg = tables.aggregate(rows, [args.penalty, args.frozen], args.value)
-    paths = _tables(out, "freezing", agg, f"{args.value} vs number of frozen layers")
-    paths.append(
-        plots.plot_freezing_curve(
-            rows, out / "freezing.png", frozen=args.frozen, penalty=args.penalty, value=args.value
-        )
-    )
+    agg = tables.aggregate(rows, list(keys.values()), args.value)
+    paths = _tables(out, stem, agg, caption.format(value=args.value, **keys))
+    paths.append(getattr(plots, plot)(rows, out / f"{stem}.png", value=args.value, **keys))
     return paths
 
 
