@@ -250,3 +250,28 @@ def test_docs_vision_recipe_runs_as_written(tmp_path, monkeypatch):
     reg = ns["l2sp_callback"].regularizer
     assert reg.novel == ["classifier.weight", "classifier.bias"] and len(reg.shared) > 10
     assert ns["trainer"].state.global_step == 10  # 6 images, batch 32, 10 epochs
+
+
+@pytest.mark.parametrize("unscaled_by_trainer", [False, True])
+def test_fp16_gradients_are_unscaled_before_the_penalty_is_added(unscaled_by_trainer):
+    """With a GradScaler, ∇Ω joins unscaled gradients, whether or not the Trainer unscaled them (clipping does)."""
+    from types import SimpleNamespace
+
+    model, w0 = make_model()
+    data = Data()
+    expected = copy.deepcopy(model)
+    reg = l2sp.regularizer("l2-sp", expected, w0, alpha=ALPHA, beta=BETA)
+    (expected(data.x, data.y)["loss"] + reg()).backward()
+
+    cb = L2SPCallback(w0, "l2-sp", alpha=ALPHA, beta=BETA)
+    cb.on_train_begin(None, None, None, model=model)
+    inner = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(model(data.x, data.y)["loss"]).backward()
+    if unscaled_by_trainer:
+        scaler.unscale_(inner)
+    cb.on_pre_optimizer_step(None, None, None, optimizer=SimpleNamespace(optimizer=inner, scaler=scaler))
+    for p, q in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    scaler.step(inner)  # the scaler accepts the step it unscaled
+    scaler.update()

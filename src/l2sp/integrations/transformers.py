@@ -78,9 +78,11 @@ class L2SPCallback(_tf.TrainerCallback):
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             self._handle = self.regularizer.attach(inner, self.settings["mode"])
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
         """g ← g + ∇Ω(w) after accumulation, unscaling and clipping, before the optimizer steps (coupled mode)."""
         if self.regularizer is not None and self.settings["mode"] == "coupled":
+            _unscale(optimizer)
             self.regularizer.add_grad_()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
@@ -99,3 +101,16 @@ class L2SPCallback(_tf.TrainerCallback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def _unscale(optimizer: Any) -> None:
+    """Unscale fp16 gradients now if the Trainer has not (it does when it clips or measures the gradient norm;
+    versions that skip this without clipping would otherwise divide ∇Ω by the loss scale in ``scaler.step``)."""
+    scaler, inner = getattr(optimizer, "scaler", None), getattr(optimizer, "optimizer", None)
+    if scaler is None or inner is None or not scaler.is_enabled():
+        return
+    try:
+        scaler.unscale_(inner)
+    except RuntimeError as exc:  # already unscaled since the last update(): nothing to do
+        if "already been called" not in str(exc):
+            raise
