@@ -3,13 +3,13 @@
 Variants, all timed in one run and interleaved round by round (so background load hits them alike):
   sgd-wd      plain SGD with the optimizer's own weight decay (the reference, ratio 1.00)
   loop-l2sp   the common implementation: a Python loop adding ½α‖w−w0‖² per parameter to the loss
-  <kind>      ``l2sp.regularizer(kind, ...).attach(optimizer)`` for each of the six kinds
+  <kind>      ``l2sp.regularizer(kind, ...).attach(optimizer)`` for each registered kind (the six built-ins)
 
 CPU: a small ResNet on 32×32 and resnet18 on 64×64, one thread, timed in process CPU time (robust to other
 jobs on the machine). CUDA (when present): resnet50 and resnet101, batch 64, 224², bf16 autocast,
 channels_last, wall-clock time. Prints the median step time of each variant and its ratio.
 
-    python benchmarks/penalty_overhead.py [--steps 30] [--rounds 5] [--models small,resnet18]
+    python benchmarks/penalty_overhead.py [--steps 30] [--rounds 5] [--models small,resnet18] [--kinds l2-sp,...]
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import l2sp
-
-KINDS = ["l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp", "gl-sp-fisher"]
+from l2sp.penalties import get_penalty, penalty_names
 
 
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -37,7 +36,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 class Variant:
-    def __init__(self, name: str, source: nn.Module, device, channels_last: bool):
+    def __init__(self, name: str, source: nn.Module, device, channels_last: bool, kinds: tuple[str, ...]):
         model = copy.deepcopy(source)
         w0 = l2sp.snapshot(model)
         head = model.fc
@@ -49,10 +48,10 @@ class Variant:
         wd = 1e-4 if name == "sgd-wd" else 0.0
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=wd,
                                    foreach=True)
-        if name in KINDS:
-            fisher = ({n: torch.rand_like(p) for n, p in model.named_parameters()}
-                      if name.endswith("fisher") else None)
-            reg = l2sp.regularizer(name, model, w0 if name != "l2" else None, alpha=0.1, beta=0.01,
+        if name in kinds:
+            kind = get_penalty(name)
+            fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()} if kind.needs_fisher else None
+            reg = l2sp.regularizer(name, model, w0 if kind.needs_w0 else None, alpha=0.1, beta=0.01,
                                    fisher=fisher)
             reg.attach(self.opt)
         if self.loop:
@@ -80,10 +79,10 @@ def sync(device):
 
 
 def run(model_name: str, device, steps: int, rounds: int, batch: int, autocast_dtype, channels_last: bool,
-        clock=time.perf_counter):
+        kinds: tuple[str, ...], clock=time.perf_counter):
     source, shape = build(model_name)
-    names = ["sgd-wd", "loop-l2sp", *KINDS]
-    variants = [Variant(n, source, device, channels_last) for n in names]
+    names = ["sgd-wd", "loop-l2sp", *kinds]
+    variants = [Variant(n, source, device, channels_last, kinds) for n in names]
     x = torch.randn(batch, *shape, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -116,10 +115,13 @@ def main():
     ap.add_argument("--models", default=None,
                     help="comma-separated; default: CPU small,resnet18; CUDA resnet50,resnet101")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--kinds", default=",".join(penalty_names()),
+                    help="comma-separated registered kinds (default: all of them)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: with the process CPU-time clock, other jobs on the machine "
                          "then hardly move the ratios)")
     args = ap.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if get_penalty(k))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     models = (args.models or ("resnet50,resnet101" if cuda else "small,resnet18")).split(",")
@@ -133,7 +135,7 @@ def main():
           f"clock {'wall' if cuda else 'process CPU time'}")
     for m in models:
         run(m, device, args.steps, args.rounds, args.batch or 64,
-            torch.bfloat16 if cuda else None, channels_last=cuda, clock=clock)
+            torch.bfloat16 if cuda else None, channels_last=cuda, kinds=kinds, clock=clock)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from l2sp.errors import L2SPError
+from l2sp.io import load_state_dict
 
 Source = Mapping[str, torch.Tensor] | nn.Module | str | os.PathLike
 Include = Literal["all", "weights"]
@@ -82,8 +83,6 @@ def load_source(source: Source) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):
         items = source.state_dict(keep_vars=True).items()
     elif isinstance(source, str | os.PathLike):
-        from l2sp.io import load_state_dict
-
         items = load_state_dict(source).items()
     elif isinstance(source, Mapping):
         items = source.items()
