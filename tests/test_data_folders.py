@@ -91,7 +91,7 @@ def test_imagefolder_train_test_layout(tmp_path):
 
 
 def test_train_mean_is_computed_over_training_images_and_cached(tmp_path, monkeypatch):
-    import l2sp.data as data_pkg
+    import l2sp.data.task as data_pkg
 
     for i in range(4):
         write_image(tmp_path / "sq" / "a" / f"s{i}.png", 50 + i, size=(10, 10))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from l2sp.data.stats import cache_dir, tensor_mean
+from l2sp.data.task import TaskData
 from l2sp.data.transforms import BatchAugment, normalization_stats, resize_uint8
 from l2sp.errors import L2SPError
 
@@ -165,8 +166,6 @@ def build(which: str, *, root: str | None = None, n_per_class: int | None = None
           resize: int | None = None, ten_crop: bool = False, normalization: str = "train-mean",
           blur: bool = True):
     """Build the "source" or "target" task as a :class:`l2sp.data.TaskData`."""
-    from l2sp.data import TaskData
-
     labels_kept = SOURCE_LABELS if which == "source" else TARGET_LABELS
     n_default = None if which == "source" else 30
     n = n_default if n_per_class is None else n_per_class

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from l2sp.data import folders
+from l2sp.data.task import folder_task
 from l2sp.errors import L2SPError
 
 INDEX_FILE = "imagenet_index.json"
@@ -166,8 +167,6 @@ def build(root: str | None, *, n_per_class: int | None, val_per_class: int, seed
     """The "imagenet-subset" :class:`~l2sp.data.TaskData` (``num_classes`` = 1000, labels = ImageNet
     indices); ``task.split["class_indices"]`` lists the indices present. ``settings``: the transform and
     loading arguments of :func:`l2sp.data.folder_task` (image_size, resize, ..., cache, device)."""
-    from l2sp.data import folder_task
-
     split, present = subset_split(root, n_per_class=n_per_class, val_per_class=val_per_class, seed=seed,
                                   test_per_class=test_per_class, index=index, check=check, strict=strict)
     task = folder_task("imagenet-subset", split, n_per_class=n_per_class, val_per_class=val_per_class, seed=seed,

@@ -21,6 +21,7 @@ import torch
 
 from l2sp.data.device import DeviceImages, PaperAugment
 from l2sp.data.stats import streaming_mean
+from l2sp.data.task import TaskData
 from l2sp.data.transforms import normalization_stats, resize_uint8
 from l2sp.errors import L2SPError
 
@@ -150,8 +151,6 @@ def images_task(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tens
     """A :class:`~l2sp.data.TaskData` of on-device datasets from decoded uint8 images ``(x, labels)``: the last
     ``val_per_class`` training images of each class are the validation split (:func:`carve_val`); the paper's
     transforms (:class:`~l2sp.data.device.PaperAugment`); ``split`` is recorded with the settings added."""
-    from l2sp.data import TaskData
-
     (xtr, ytr), (xte, yte) = train, test
     val = carve_val(ytr, val_per_class)
     keep = (~val).nonzero().squeeze(1).to(xtr.device)
