@@ -508,3 +508,19 @@ def test_regularizer_accepts_the_file(tmp_path):
             p.add_(0.1)
     expected = 0.1 / 2 * sum(float((f[n] * 0.01).sum()) for n in f)  # α/2 Σ_j F_j (w_j − w0_j)²
     assert float(reg().detach()) == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- package
+def test_public_names_and_no_import_of_the_package_root():
+    """The names of ``l2sp.fisher`` are where they were; its modules import submodules of l2sp, never the root."""
+    import pathlib
+    import re
+
+    assert sorted(fisher.__all__) == sorted(
+        ["METHODS", "FisherDict", "check_matches", "class_weights", "estimate", "load", "save", "summary"]
+    )
+    assert all(callable(getattr(fisher, n)) for n in fisher.__all__ if n != "METHODS")
+    assert fisher.METHODS == ("exact", "mc", "empirical") and fisher.BACKENDS == ("auto", "hooks", "func")
+    root = re.compile(r"^\s*(from l2sp import |import l2sp\s*$)", re.M)
+    files = sorted(pathlib.Path(fisher.__file__).parent.glob("*.py"))
+    assert len(files) >= 6 and not [f.name for f in files if root.search(f.read_text(encoding="utf-8"))]
