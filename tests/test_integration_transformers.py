@@ -58,7 +58,7 @@ def args(tmp_path, accumulation=1, clip=0.0, **kw):
         output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulation,
         num_train_epochs=2, learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=clip,
         train_sampling_strategy="sequential", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-        dataloader_num_workers=0, **kw)
+        dataloader_num_workers=0, dataloader_pin_memory=False, **kw)
 
 
 def train(model, tmp_path, callback, **kw):
