@@ -14,7 +14,7 @@ import os
 import torch
 
 from l2sp.data import fashion_mnist, folders, imagenet_subset
-from l2sp.data.device import to_device
+from l2sp.data.device import DeviceImages, PaperAugment, to_device
 from l2sp.data.task import TaskData, folder_task
 from l2sp.data.transforms import NORMALIZATIONS
 from l2sp.errors import L2SPError
@@ -149,4 +149,4 @@ def task_from_split(split: dict, *, root: str | None = None, device: torch.devic
                        **settings)
 
 
-__all__ = ["TASKS", "TaskData", "build_task", "folder_task", "task_from_split"]
+__all__ = ["TASKS", "DeviceImages", "PaperAugment", "TaskData", "build_task", "folder_task", "task_from_split"]
