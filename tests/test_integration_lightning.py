@@ -92,6 +92,38 @@ def test_fit_equals_the_plain_loop_on_loss_plus_penalty(tmp_path):
     assert max_diff(lit, plain_loop(*make_module(), penalty=False)) > 1e-2  # the penalty did something
 
 
+def plain_loop_accumulated(lit, w0, accumulation=1, clip=0.0):
+    """SGD on Σ_k J_k/K + Ω per step (K micro-batches), gradient norm of the sum clipped to ``clip``."""
+    model = copy.deepcopy(lit)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    reg = l2sp.regularizer("l2-sp", model, w0, alpha=ALPHA, beta=BETA)
+    batches = list(loader())
+    for _ in range(2):
+        for i in range(0, len(batches), accumulation):
+            opt.zero_grad()
+            for x, y in batches[i:i + accumulation]:
+                (nn.functional.cross_entropy(model.net(x), y) / accumulation).backward()
+            reg().backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+    return model
+
+
+def test_accumulation_adds_the_penalty_once_per_step_and_clipping_sees_it(tmp_path):
+    lit, w0 = make_module()
+    expected = plain_loop_accumulated(lit, w0, accumulation=2)
+    trainer(tmp_path, callbacks=[L2SP(w0, "l2-sp", alpha=ALPHA, beta=BETA)], accumulate_grad_batches=2).fit(
+        lit, loader())
+    assert max_diff(lit, expected) <= 1e-5
+
+    lit, w0 = make_module()
+    expected = plain_loop_accumulated(lit, w0, clip=0.05)
+    trainer(tmp_path, callbacks=[L2SP(w0, "l2-sp", alpha=ALPHA, beta=BETA)], gradient_clip_val=0.05).fit(
+        lit, loader())
+    assert max_diff(lit, expected) <= 1e-5  # clip(∇J + ∇Ω): the penalty is added before Lightning clips
+
+
 def test_bf16_mixed_equals_the_plain_loop_under_the_same_autocast(tmp_path):
     lit, w0 = make_module()
     expected = plain_loop(lit, w0, autocast=True)
