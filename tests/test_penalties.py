@@ -354,3 +354,32 @@ def test_snapshot_is_a_plain_dict_that_saves_and_loads_safely(tmp_path):
     torch.save(w0, tmp_path / "w0.pt")
     loaded = torch.load(tmp_path / "w0.pt", weights_only=True)
     assert loaded.keys() == w0.keys()
+
+
+def imported_modules(path):
+    """Every module an import statement of the file names (function-local imports included)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_no_import_cycle_between_penalties_and_optim():
+    """optim drives the regularizer through its public methods and imports nothing back; the penalties
+    import neither the package root (which imports them) nor anything above them."""
+    from pathlib import Path
+
+    import l2sp.optim
+    import l2sp.penalties
+
+    assert not {m for m in imported_modules(Path(l2sp.optim.__file__)) if m.startswith("l2sp.penalties")}
+    above = {"engine", "experiments", "cli", "integrations", "analysis", "segmentation", "search"}
+    for path in Path(l2sp.penalties.__file__).parent.glob("*.py"):
+        names = imported_modules(path)
+        assert "l2sp" not in names, path  # `from l2sp import x` runs the package root, which imports this
+        assert not {m.split(".")[1] for m in names if m.startswith("l2sp.")} & above, path
