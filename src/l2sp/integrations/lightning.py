@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from l2sp.errors import L2SPError
 from l2sp.integrations._common import build, check_settings, reference_state, require, value
 from l2sp.penalties import Regularizer
 
@@ -88,6 +89,9 @@ class L2SP(_pl.Callback):
                 "L2SP: manual optimization, so the penalty is not applied for you; call "
                 "callback.regularizer.add_grad_() after self.manual_backward(loss) and before opt.step()")
         elif self.settings["mode"] != "coupled":
+            if not trainer.optimizers:
+                raise L2SPError(f"L2SP mode={self.settings['mode']!r} attaches to the optimizer, and "
+                                "configure_optimizers returned none; return one, or use mode='coupled'")
             self._handle = self.regularizer.attach(trainer.optimizers[0], self.settings["mode"])
 
     def _warn_if_changed(self, saved: Mapping[str, Any]) -> None:
@@ -103,12 +107,13 @@ class L2SP(_pl.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._module = pl_module
+        self._module, self._backward_seen = pl_module, False
         self._build(trainer, pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Detach; the next fit starts from ``source`` again unless it resumes from a checkpoint."""
         self._release()
-        self._module = None
+        self._module, self._restored = None, None
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         self._backward_seen = True
