@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # pytest workers; each gets one thread (torch slows sharply when threads outnumber cores)
 WORKERS ?= 2
 
-.PHONY: setup dataset demo demo-quick test test-fast lint bench clean
+.PHONY: setup dataset demo demo-quick test test-fast lint bench postgres clean
 
 setup: $(STAMP) dataset
 
@@ -45,6 +45,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/penalty_overhead.py
+
+# a local PostgreSQL server for the test of a search shared through a database (root, Debian/Ubuntu);
+# prints the line to export before `make test` (.ci/run does this itself)
+postgres:
+	@url=$$(bash .ci/postgres.sh) && echo "export L2SP_TEST_POSTGRES_URL=$$url" \
+	  || echo "PostgreSQL could not be started here (needs root and apt-get); its test is skipped"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -220,6 +220,7 @@ def _wait_for(out, done, timeout=120):
     raise AssertionError("the search did not reach the kill point")
 
 
+@pytest.mark.slow
 def test_killed_search_restarts_with_two_workers_and_runs_each_point_once(cfg, tmp_path):
     out = tmp_path / "killed"
     alphas = ["0.001", "0.01", "0.1", "1", "10"]
@@ -262,6 +263,29 @@ def test_tpe_on_a_log_range_continues_to_more_trials(cfg, tmp_path):
     assert len({t.user_attrs["run_dir"] for t in trials}) == 4
 
 
+def test_tpe_trial_interrupted_in_process_is_queued_again_with_its_values(cfg, tmp_path, monkeypatch):
+    from l2sp.search import trial as trial_mod
+
+    out = tmp_path / "tpe-int"
+    argv = [str(cfg), "optim.steps=2", "--sampler", "tpe", "--range", "reg.alpha=1e-4:1", "log", "--trials", "2",
+            "--out", str(out), "-q"]
+    real = trial_mod.finetune
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial_mod, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(argv)
+    (first,) = load(out).get_trials()
+    assert first.state.name == "FAIL" and "error" not in first.user_attrs
+    monkeypatch.setattr(trial_mod, "finetune", real)
+    assert run_cli(argv) == 0
+    trials = load(out).get_trials()
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and done[0].params == first.params and done[0].system_attrs["failed_trial"] == 0
+
+
 def test_median_pruner_stops_a_poor_trial_and_keeps_the_runs_exact(cfg, tmp_path):
     from l2sp.engine.run import finetune
 
@@ -296,6 +320,7 @@ def _postgres_url():
     return url
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgresql_study(cfg, tmp_path):
     url = _postgres_url()
     name = f"l2sp-test-{uuid.uuid4().hex[:8]}"

@@ -58,7 +58,7 @@ def search(config: Any, grid: dict[str, list] | None = None, overrides: list[str
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     study = st.open_study(spec)
     st.check_same_search(study, spec)
-    queued = st.enqueue_grid(study, spec) if spec.sampler == "grid" else 0
+    queued = st.enqueue_grid(study, spec) if spec.sampler == "grid" else st.requeue_interrupted(study)
     c = st.counts(study)
     if not spec.quiet:
         print(f"search {spec.study!r}: {c['final']} trials done, {queued} queued, {c['running']} running elsewhere; "

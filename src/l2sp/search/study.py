@@ -155,6 +155,25 @@ def enqueue_grid(study: Any, spec: SearchSpec) -> int:
     return queued
 
 
+def requeue_interrupted(study: Any) -> int:
+    """Queue again, with the same values, every trial that failed without an error of its own (Ctrl-C, a crash)
+    and was not retried yet (TPE; a grid queues its missing points instead); returns how many."""
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    queued = 0
+    for t in trials:
+        if t.state.name != "FAIL" or "error" in t.user_attrs or not t.params or t.number in retried:
+            continue
+        history = [*t.system_attrs.get("retry_history", []), t.number]
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
+            user_attrs=dict(t.user_attrs), system_attrs={"failed_trial": history[0], "retry_history": history},
+        ))
+        queued += 1
+    return queued
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
