@@ -95,7 +95,7 @@ def test_bad_overrides_name_the_key_and_valid_values(item, words):
 def test_unknown_keys_in_a_yaml_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("base: fashion-mnist\noptim: {lr: 0.1, stepz: 3}\n")
-    with pytest.raises(L2SPError, match=r"optim.stepz.*valid keys: lr, momentum"):
+    with pytest.raises(L2SPError, match=r"optim.stepz.*valid keys: name, lr, momentum"):
         resolve(str(p))
     with pytest.raises(L2SPError, match="unknown preset 'nope'"):
         resolve("nope")

@@ -23,6 +23,11 @@ PRESETS = [f"cityscapes-{n}-{k}" for n in ("fcn", "resnet", "deeplab", "pspnet")
     "sbd-pspnet-l2", "sbd-pspnet-l2-sp"]
 
 
+def paper_presets(names: list[str]) -> list[str]:
+    """The presets of the paper's Table 3 (other datasets, e.g. CamVid, have their own tests)."""
+    return [n for n in names if n.startswith(("cityscapes-", "sbd-"))]
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> dict:
     """Datasets and the source checkpoint, shared by the module's tests."""
@@ -62,7 +67,7 @@ def bn_buffers(state: dict, prefix: str = "") -> dict:
 
 
 def test_presets_follow_table3():
-    assert segmentation_presets() == sorted(PRESETS)
+    assert paper_presets(segmentation_presets()) == sorted(PRESETS)
     for name in PRESETS:
         c = resolve_segmentation(name)
         net = name.split("-")[1]
@@ -190,7 +195,7 @@ def test_bad_files_are_one_line(tree, tmp_path, capsys):
                  f"reg.fisher={tmp_path / 'F.safetensors'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["segment", "--list"]) == 0
-    assert capsys.readouterr().out.split() == sorted(PRESETS)
+    assert paper_presets(capsys.readouterr().out.split()) == sorted(PRESETS)
 
 
 def test_nan_loss_stops_naming_the_step(tree, tmp_path):

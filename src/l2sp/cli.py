@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from l2sp.errors import L2SPError
+from l2sp.fisher import METHODS as FISHER_METHODS
 
 CONFIG_HELP = "a preset name (see `l2sp presets`) or a YAML file"
 OVERRIDE_HELP = "dotted overrides, e.g. reg.alpha=0.1 optim.steps=500 (values parsed as YAML)"
@@ -47,7 +48,21 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
         help="repeat with train.seed = 0..N-1 and write a mean ± std table (Markdown and CSV)",
     )
     p.add_argument("--light", action="store_true", help="no checkpoints or TensorBoard (many short runs)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, overrides applied) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the result")
+
+
+def _print_config(cfg: object, args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved config as YAML, every key (``--out``/``-q`` applied), nothing run."""
+    import yaml
+
+    if args.out is not None:
+        cfg.out = str(args.out)
+    if args.quiet:
+        cfg.train.quiet = True
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -55,6 +70,10 @@ def _finetune(args: argparse.Namespace) -> int:
     from l2sp.experiments.seeds import light_overrides, run_seeds, summarize
 
     ov = light_overrides(args.overrides, args.light)
+    if args.print_config:
+        from l2sp.engine.config import resolve
+
+        return _print_config(resolve(args.config, ov), args)
     if args.seeds is not None:
         if args.seeds < 1:
             raise L2SPError(f"--seeds {args.seeds}: give the number of runs, at least 1")
@@ -93,7 +112,7 @@ def _add_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help=CONFIG_HELP + " (uses model.* and data.source_task)")
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--method", default="exact", choices=["exact", "mc", "empirical"])
+    p.add_argument("--method", default="exact", choices=list(FISHER_METHODS))
     p.add_argument("--samples", type=int, default=1, help="labels drawn per example (method mc)")
     p.add_argument("--max-examples", type=int, default=None, help="source examples used (default: all)")
     p.add_argument("--classes", type=int, default=None,
@@ -186,53 +205,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------- search
-def _add_search(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help=CONFIG_HELP)
-    p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
-    p.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="values to try for one key (repeatable), e.g. --grid reg.alpha=0.01,0.1,1",
-    )
-    p.add_argument("--metric", default="val_acc", choices=["val_acc", "val_mean_per_class"])
-    p.add_argument("--method", default="grid", choices=["grid", "optuna"])
-    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: the grid size)")
-    p.add_argument("--out", help="output directory (default runs/NAME-search)")
-    p.add_argument("-q", "--quiet", action="store_true")
-
-
-def _search(args: argparse.Namespace) -> int:
-    import yaml
-
-    from l2sp.engine.config import flatten
-    from l2sp.experiments.search import grid_search
-
-    grid = {}
-    for item in args.grid:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise L2SPError(f"--grid {item!r} should be KEY=V1,V2,... e.g. reg.alpha=0.01,0.1,1")
-        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
-    best, rows = grid_search(
-        args.config,
-        grid,
-        args.overrides,
-        metric=args.metric,
-        out=args.out,
-        quiet=args.quiet,
-        method=args.method,
-        n_trials=args.trials,
-    )
-    flat = flatten(best.to_dict())
-    choice = " ".join(f"{k}={flat[k]}" for k in grid)
-    best_val = max(r[args.metric] for r in rows if r[args.metric] is not None)
-    print(f"best on the validation split ({args.metric} {100 * best_val:.2f}%): {choice}")
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------- presets
 def _presets(args: argparse.Namespace) -> int:
     from l2sp.engine.config import preset_names, resolve
@@ -261,6 +233,8 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds")
     p.add_argument("--list", action="store_true", help="list the segmentation presets and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, overrides applied) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the result")
 
 
@@ -273,6 +247,10 @@ def _segment(args: argparse.Namespace) -> int:
     if args.config is None:
         raise L2SPError("give a segmentation preset or YAML file, e.g. `l2sp segment cityscapes-fcn-l2-sp "
                         "data.root=/data/cityscapes`; `l2sp segment --list` shows the presets")
+    if args.print_config:
+        from l2sp.segmentation.config import resolve_segmentation
+
+        return _print_config(resolve_segmentation(args.config, args.overrides), args)
     from l2sp.segmentation.run import finetune_segmentation
 
     r = finetune_segmentation(args.config, args.overrides, out=args.out, resume=args.resume,
@@ -284,6 +262,14 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- main
+#: commands whose module is imported only when named: (name, module with add_arguments, its entry, help)
+LAZY = (
+    ("search", "l2sp.experiments.search", "main", "hyper-parameter search on the validation split (Optuna study)"),
+    ("analyze", "l2sp.analysis.command", "run", "analyses of finished runs"),
+    ("demo", "l2sp.experiments.demo", "run", "the built-in Fashion-MNIST benchmark"),
+)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``analyze`` and ``demo`` modules are imported only when ``command`` names them."""
     from l2sp import __version__
@@ -297,7 +283,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("finetune", _add_finetune, _finetune, "fine-tune from a preset or YAML config"),
         ("fisher", _add_fisher, _fisher, "estimate the diagonal Fisher of the source network"),
         ("evaluate", _add_evaluate, _evaluate, "evaluate a finished run"),
-        ("search", _add_search, _search, "grid search over hyper-parameters on the validation split"),
         ("segment", _add_segment, _segment, "fine-tune a segmentation network from a preset or YAML config"),
     ):
         p = sub.add_parser(name, help=text, description=text)
@@ -306,10 +291,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the shipped presets")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per preset with its main settings")
     p.set_defaults(func=_presets)
-    for name, module, text in (
-        ("analyze", "l2sp.analysis.command", "analyses of finished runs"),
-        ("demo", "l2sp.experiments.demo", "the built-in Fashion-MNIST benchmark"),
-    ):
+    for name, module, entry, text in LAZY:
         p = sub.add_parser(name, help=text, description=text, add_help=command == name)
         if command != name:
             p.add_argument("args", nargs=argparse.REMAINDER)
@@ -320,7 +302,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.set_defaults(func=lambda a, m=module: _missing(m))
             continue
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=getattr(mod, entry))
     return parser
 
 

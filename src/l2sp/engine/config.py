@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +22,19 @@ import yaml
 
 from l2sp.errors import L2SPError
 
-RegKind = Literal["none", "l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp", "gl-sp-fisher"]
+
+def reg_kinds() -> tuple[str, ...]:
+    """Valid ``reg.kind`` values: "none" (no penalty) and every registered penalty (``penalty_names()``)."""
+    from l2sp.penalties import penalty_names
+
+    return ("none", *penalty_names())
+
+
+def reg_modes() -> tuple[str, ...]:
+    """Valid ``reg.mode`` values: ``l2sp.optim.MODES``."""
+    from l2sp.optim import MODES
+
+    return tuple(MODES)
 
 
 @dataclass
@@ -57,24 +71,26 @@ class DataConfig:
     source_root: str | None = None  # its folder (default: data.root)
     source_options: dict = field(default_factory=dict)  # its extra build_task options
     num_workers: int = 0
+    on_device: bool = False  # decode once, keep uint8 images on the run's device, augment there
 
 
 @dataclass
 class RegConfig:
     """The penalty Ω (``l2sp.regularizer``); "none" trains without any penalty."""
 
-    kind: RegKind = "l2-sp"
+    kind: str = "l2-sp"  # "none" or a registered penalty (reg_kinds())
     alpha: float = 0.1
     beta: float = 0.01
     include: Literal["all", "weights"] = "all"
     fisher: str | None = None  # safetensors file from `l2sp fisher`
-    mode: Literal["coupled", "decoupled", "proximal"] = "coupled"
+    mode: str = "coupled"  # l2sp.optim.MODES: coupled | decoupled | proximal
 
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum, iteration-based; lr·gamma^(#milestones passed) or poly (1 - t/T)^power."""
+    """SGD with momentum (or AdamW), iteration-based; lr·gamma^(#milestones passed) or poly (1 - t/T)^power."""
 
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
@@ -85,26 +101,34 @@ class OptimConfig:
     milestones: list = field(default_factory=lambda: [6000])
     gamma: float = 0.1
     power: float = 0.9
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
 
 
 @dataclass
-class TrainConfig:
-    """How the run executes: device, precision, logging, checkpoints, freezing, BatchNorm."""
+class RunTrainConfig:
+    """How any run executes: seed, device, precision, logging and checkpoints (every task's ``train``)."""
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
     compile: bool = False  # torch.compile (CUDA only; ignored on CPU)
-    freeze: int = 0  # first k blocks: parameters and BN statistics fixed
-    bn: Literal["train", "frozen"] = "train"  # frozen: every BN uses its running statistics
     log_every: int = 50
     ckpt_every: int = 1000  # 0: only the final checkpoint
-    eval_every: int = 0  # validation accuracy during training (0: never)
     tensorboard: bool = True
     save_checkpoint: bool = True  # full training state (resume); False keeps dirs small
     save_model: bool = True  # final weights as model.safetensors
     quiet: bool = False
+
+
+@dataclass
+class TrainConfig(RunTrainConfig):
+    """Classification runs: also freezing, BatchNorm mode and validation during training."""
+
+    freeze: int = 0  # first k blocks: parameters and BN statistics fixed
+    bn: Literal["train", "frozen"] = "train"  # frozen: every BN uses its running statistics
+    eval_every: int = 0  # validation accuracy during training (0: never)
 
 
 @dataclass
@@ -239,15 +263,51 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def preset_names(task: str = "classification") -> list[str]:
     """Names of the shipped presets for ``task`` (``l2sp presets``: classification; ``l2sp segment --list``:
-    segmentation, the presets whose top-level ``task:`` says so)."""
+    segmentation, the presets whose top-level ``task:`` says so): the YAML files not starting with ``_`` and the
+    dataset × penalty matrix (:func:`preset_matrix`)."""
     root = resources.files("l2sp") / "configs"
-    names = (p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
-    return sorted(n for n in names if preset_task(n) == task)
+    files = (p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
+    return sorted(n for n in {*files, *preset_matrix()} if preset_task(n) == task)
 
 
 def preset_task(name: str) -> str:
     """The task a shipped preset is for: its top-level ``task:`` (``base:`` resolved), else "classification"."""
     return str(_read_yaml(name).get("task", "classification"))
+
+
+@functools.cache
+def preset_matrix() -> dict[str, tuple[str, str, str | None]]:
+    """The generated presets: ``PREFIX-PENALTY[-VARIANT]`` -> (dataset base, penalty, variant or None).
+
+    A dataset base ``_NAME.yaml`` declares ``presets: {prefix, penalties: [...], variants: [...], fisher}``;
+    the preset is that base, then ``_penalty-PENALTY.yaml``, then ``_variant-VARIANT.yaml``, and, for a penalty
+    that needs a Fisher, ``reg.fisher = presets.fisher``. Adding a dataset is one file."""
+    root = resources.files("l2sp") / "configs"
+    out: dict[str, tuple[str, str, str | None]] = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name):
+        if not (p.name.startswith("_") and p.name.endswith(".yaml")):
+            continue
+        spec = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("presets")
+        if not spec:
+            continue
+        for pen in spec["penalties"]:
+            for var in (None, *spec.get("variants", ())):
+                out[f"{spec['prefix']}-{pen}" + (f"-{var}" if var else "")] = (p.name[:-5], pen, var)
+    return out
+
+
+def _compose(name: str) -> dict:
+    """A preset of the matrix: dataset base + penalty layer (+ variant layer), Fisher file from the base."""
+    from l2sp.penalties import get_penalty
+
+    base, pen, var = preset_matrix()[name]
+    spec = yaml.safe_load((resources.files("l2sp") / "configs" / f"{base}.yaml").read_text(encoding="utf-8"))
+    data = _deep_merge(_read_yaml(base), _read_yaml(f"_penalty-{pen}"))
+    if var is not None:
+        data = _deep_merge(data, _read_yaml(f"_variant-{var}"))
+    if get_penalty(data["reg"]["kind"]).needs_fisher:
+        data["reg"]["fisher"] = spec["presets"]["fisher"]
+    return data
 
 
 def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
@@ -262,6 +322,8 @@ def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
         text, where, key = path.read_text(encoding="utf-8"), path, str(path.resolve())
     else:
         res = resources.files("l2sp") / "configs" / f"{source}.yaml"
+        if not res.is_file() and str(source) in preset_matrix():
+            return _compose(str(source))
         if not res.is_file():
             raise L2SPError(
                 f"unknown preset {source!r}; valid presets: {_preset_hint()} (or give a YAML path)"
@@ -275,6 +337,7 @@ def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
         raise L2SPError(f"{source}: invalid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
     if not isinstance(data, dict):
         raise L2SPError(f"{source}: a config must be a YAML mapping of sections (model, data, reg, ...)")
+    data.pop("presets", None)  # a dataset base's matrix declaration (preset_matrix), not a config key
     base = data.pop("base", None)
     if base is not None:
         if where is not None and (where.parent / str(base)).is_file():
@@ -368,24 +431,40 @@ def resolve(config: Any = None, overrides: list[str] | dict | None = None) -> Co
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks the types alone cannot express."""
-    o = cfg.optim
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise L2SPError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def validate_run(cfg: Any) -> None:
+    """The checks every run config shares (``optim``, ``reg``, ``train``): ranges, finite numbers, registries."""
+    o, r, t = cfg.optim, cfg.reg, cfg.train
     if o.steps < 1 or o.batch_size < 1:
         raise L2SPError(f"optim.steps={o.steps} and optim.batch_size={o.batch_size} must be >= 1")
-    if o.lr <= 0:
-        raise L2SPError(f"optim.lr={o.lr} must be > 0")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise L2SPError(f"optim.lr={o.lr} must be a finite number > 0")
     if not all(isinstance(m, int) and m > 0 for m in o.milestones):
         raise L2SPError(f"optim.milestones={o.milestones} must be positive step numbers, e.g. [6000]")
-    if cfg.reg.alpha < 0 or cfg.reg.beta < 0:
-        raise L2SPError(f"reg.alpha={cfg.reg.alpha} and reg.beta={cfg.reg.beta} must be >= 0")
+    if not (len(o.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in o.betas)) or o.eps <= 0:
+        raise L2SPError(f"optim.betas={o.betas} must be two numbers in [0, 1) and optim.eps={o.eps} > 0")
+    if not (math.isfinite(r.alpha) and math.isfinite(r.beta) and r.alpha >= 0 and r.beta >= 0):
+        raise L2SPError(f"reg.alpha={r.alpha} and reg.beta={r.beta} must be finite and >= 0")
+    _check_choice("reg.kind", r.kind, reg_kinds())
+    _check_choice("reg.mode", r.mode, reg_modes())
+    if t.log_every < 1 or t.ckpt_every < 0:
+        raise L2SPError(f"train.log_every={t.log_every} must be >= 1 and train.ckpt_every={t.ckpt_every} >= 0")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the types alone cannot express."""
+    validate_run(cfg)
     if cfg.train.freeze < 0:
         raise L2SPError(f"train.freeze={cfg.train.freeze} must be >= 0 (number of blocks)")
+    if cfg.train.eval_every < 0:
+        raise L2SPError(f"train.eval_every={cfg.train.eval_every} must be >= 0 (0: never)")
     for s in cfg.eval.splits:
         if s not in ("val", "test"):
             raise L2SPError(f"eval.splits contains {s!r}; valid splits: val, test")
-    if cfg.train.log_every < 1:
-        raise L2SPError(f"train.log_every={cfg.train.log_every} must be >= 1")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -136,9 +136,29 @@ class Diverged(L2SPError):
     pass
 
 
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The default training loss: ``F.cross_entropy(output.float(), target)`` (mean over the batch)."""
+    return F.cross_entropy(output.float(), target)
+
+
+@dataclass
+class _Window:
+    """The losses of the steps since the last log line, kept on the device (read once per window)."""
+
+    losses: torch.Tensor
+    k: int = 0  # steps in the window
+    first: int = 0  # the step before the window's first
+    t_start: float = 0.0  # the loop's start
+    t_window: float = 0.0  # the window's start
+
+
 class Trainer:
-    """Runs SGD steps: forward (AMP optional), cross-entropy, backward, optimizer step (the attached
-    regularizer adds ∇Ω inside it), LR schedule; logs every ``log_every`` steps without per-step syncs."""
+    """Runs optimizer steps: forward (AMP optional), ``loss_fn(output, target)``, backward, optimizer step (the
+    attached regularizer adds ∇Ω inside it), LR schedule; logs every ``log_every`` steps without per-step syncs.
+
+    Hooks (the shape of detectron2's ``TrainerBase``): ``validate() -> {name: value}`` every ``eval_every`` steps
+    (logged as ``val_NAME``), ``save_checkpoint(step)`` every ``ckpt_every`` steps, each after a NaN/Inf check.
+    """
 
     def __init__(
         self,
@@ -159,11 +179,12 @@ class Trainer:
         quiet: bool = False,
         save_checkpoint: Callable[[int], None] | None = None,
         validate: Callable[[], dict] | None = None,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.forward = forward or model
         self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.regularizer = regularizer
+        self.regularizer, self.loss_fn = regularizer, loss_fn
         self.log_every, self.ckpt_every, self.eval_every = log_every, ckpt_every, eval_every
         self.metrics_path, self.writer, self.quiet = metrics_path, writer, quiet
         self.save_checkpoint, self.validate = save_checkpoint, validate
@@ -176,130 +197,116 @@ class Trainer:
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
-                    self.writer.add_scalar(f"train/{k}" if k != "val_top1" else "val/top1", v, record["step"])
+                    tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+                    self.writer.add_scalar(tag, v, record["step"])
+
+    def _diverged(self, step: int, what: str, logged: str, state: LoopState) -> Diverged:
+        good = state.last_good_checkpoint
+        self._log({"step": step, "diverged": logged})
+        where = (f"the last good checkpoint (step {good}) is kept" if good is not None
+                 else "no checkpoint had been written")
+        return Diverged(f"{what} at step {step}; training stopped and {where}; "
+                        "lower optim.lr or reg.alpha, or use train.amp=none")
 
     def _check(self, losses: torch.Tensor, k: int, first_step: int, state: LoopState) -> list[float]:
         """Move the window's losses to the host (one sync); stop on NaN/Inf naming the step."""
         vals = losses[:k].tolist()
         for i, v in enumerate(vals):
             if not math.isfinite(v):
-                step = first_step + i + 1
-                good = state.last_good_checkpoint
-                self._log({"step": step, "diverged": str(v)})
-                where = (
-                    f"the last good checkpoint (step {good}) is kept"
-                    if good is not None
-                    else "no checkpoint had been written"
-                )
-                raise Diverged(
-                    f"loss became {v} at step {step}; training stopped and {where}; "
-                    "lower optim.lr or reg.alpha, or use train.amp=none"
-                )
+                raise self._diverged(first_step + i + 1, f"loss became {v}", str(v), state)
         return vals
 
     def _check_params(self, step: int, state: LoopState) -> None:
         """Stop if an update made a parameter or BN statistic NaN/Inf (one multi-tensor norm, one sync)."""
         params = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
         if params and not bool(torch.stack(torch._foreach_norm(params)).isfinite().all()):
-            good = state.last_good_checkpoint
-            self._log({"step": step, "diverged": "non-finite parameters"})
-            where = (
-                f"the last good checkpoint (step {good}) is kept"
-                if good is not None
-                else "no checkpoint had been written"
-            )
-            raise Diverged(
-                f"parameters or BatchNorm statistics became NaN/Inf at step {step}; "
-                f"training stopped and {where}; "
-                "lower optim.lr or reg.alpha, or use train.amp=none"
-            )
+            raise self._diverged(step, "parameters or BatchNorm statistics became NaN/Inf",
+                                 "non-finite parameters", state)
+
+    def _step(self, x: Any, y: Any) -> tuple[torch.Tensor, float]:
+        """One optimizer step on a batch; returns the (device) loss and the learning rate it used."""
+        dev = self.device
+        nonblock = dev.type == "cuda"
+        x = x.to(dev, non_blocking=nonblock)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(dev, non_blocking=nonblock)
+        with amp_context(dev, self.amp):
+            output = self.forward(x)
+        loss = self.loss_fn(output, y)
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        lr = opt.param_groups[0]["lr"]  # the rate this step used
+        self.scheduler.step()
+        return loss, lr
+
+    def _report(self, w: _Window, state: LoopState, lr: float, batch: int, validate: bool, bar: Any) -> None:
+        """The window's log line (mean loss, lr, images/s, Ω, validation metrics); one host sync."""
+        vals = self._check(w.losses, w.k, w.first, state)
+        now = time.perf_counter()
+        record = {"step": state.step, "loss": sum(vals) / w.k, "lr": lr,
+                  "images_per_s": w.k * batch / max(now - w.t_window, 1e-9), "time": now - w.t_start}
+        if self.regularizer is not None:
+            with torch.no_grad():
+                record["penalty"] = float(self.regularizer())
+        if validate:
+            record.update({f"val_{k}": v for k, v in self.validate().items()})
+            self.model.train()
+        state.last_loss = vals[-1]
+        self._log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2g}",
+                        img_s=f"{record['images_per_s']:.0f}", refresh=False)
+        w.k, w.first = 0, state.step
+        w.t_window = time.perf_counter()
+
+    def _after_step(self, w: _Window, state: LoopState, total: int, stop_after: int | None, lr: float,
+                    batch: int, bar: Any) -> bool:
+        """Log, validate, check and checkpoint where the schedule says; True when this call must stop."""
+        s = state.step
+        boundary = s % self.log_every == 0 or s == total
+        ckpt = self.save_checkpoint is not None and self.ckpt_every > 0 and s % self.ckpt_every == 0
+        stop = stop_after is not None and state.steps_this_call >= stop_after
+        val = self.validate is not None and self.eval_every > 0 and s % self.eval_every == 0
+        if boundary or ckpt or stop or val:
+            self._report(w, state, lr, batch, val, bar)
+        if ckpt or stop or s == total:
+            self._check_params(s, state)
+        if ckpt or stop:
+            self.save_checkpoint(s)
+            state.last_good_checkpoint = s
+            w.t_window = time.perf_counter()
+        return stop
 
     def run(self, loader: DataLoader, start: int, total: int, *, stop_after: int | None = None) -> LoopState:
         """Steps ``start .. total-1`` (or ``stop_after`` of them, for interrupt tests)."""
         from tqdm.auto import tqdm
 
         state = LoopState(step=start, last_good_checkpoint=start if start else None)
-        model, opt, dev = self.model, self.optimizer, self.device
-        model.train()
-        nonblock = dev.type == "cuda"
-        window = torch.zeros(self.log_every, device=dev)
-        k, window_first, t_window = 0, start, time.perf_counter()
-        t_start = t_window
-        bar = tqdm(
-            total=total,
-            initial=start,
-            disable=self.quiet,
-            unit="it",
-            dynamic_ncols=True,
-            mininterval=0.5,
-            leave=False,
-        )
+        self.model.train()
+        t0 = time.perf_counter()
+        w = _Window(torch.zeros(self.log_every, device=self.device), 0, start, t0, t0)
+        bar = tqdm(total=total, initial=start, disable=self.quiet, unit="it", dynamic_ncols=True, mininterval=0.5,
+                   leave=False)
         try:
             for x, y in loader:
-                x = x.to(dev, non_blocking=nonblock)
-                if self.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = y.to(dev, non_blocking=nonblock)
-                with amp_context(dev, self.amp):
-                    logits = self.forward(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                lr = opt.param_groups[0]["lr"]  # the rate this step used
-                self.scheduler.step()
-                window[k] = loss.detach()
-                k += 1
+                loss, lr = self._step(x, y)
+                w.losses[w.k] = loss.detach()
+                w.k += 1
                 state.step += 1
                 state.steps_this_call += 1
                 bar.update(1)
-                s = state.step
-                boundary = s % self.log_every == 0 or s == total
-                ckpt = self.save_checkpoint is not None and self.ckpt_every > 0 and s % self.ckpt_every == 0
-                stop = stop_after is not None and state.steps_this_call >= stop_after
-                val = self.validate is not None and self.eval_every > 0 and s % self.eval_every == 0
-                if boundary or ckpt or stop or val:
-                    vals = self._check(window, k, window_first, state)
-                    now = time.perf_counter()
-                    record = {
-                        "step": s,
-                        "loss": sum(vals) / k,
-                        "lr": lr,
-                        "images_per_s": k * x.shape[0] / max(now - t_window, 1e-9),
-                        "time": now - t_start,
-                    }
-                    if self.regularizer is not None:
-                        with torch.no_grad():
-                            record["penalty"] = float(self.regularizer())
-                    if val:
-                        record["val_top1"] = self.validate()["top1"]
-                        model.train()
-                    state.last_loss = vals[-1]
-                    self._log(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2g}",
-                        img_s=f"{record['images_per_s']:.0f}",
-                        refresh=False,
-                    )
-                    k, window_first = 0, s
-                    t_window = time.perf_counter()
-                if ckpt or stop or s == total:
-                    self._check_params(s, state)
-                if ckpt or stop:
-                    self.save_checkpoint(s)
-                    state.last_good_checkpoint = s
-                    t_window = time.perf_counter()
-                if stop:
+                if self._after_step(w, state, total, stop_after, lr, len(x), bar):
                     break
         finally:
             bar.close()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        state.train_time = time.perf_counter() - t_start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        state.train_time = time.perf_counter() - t0
         return state

@@ -20,12 +20,15 @@ from l2sp.engine.config import (
     OptimConfig,
     RegConfig,
     RunConfig,
+    RunTrainConfig,
     _deep_merge,
     _read_yaml,
     apply_overrides,
     from_dict,
     parse_overrides,
+    preset_matrix,
     preset_names,
+    validate_run,
 )
 from l2sp.errors import L2SPError
 
@@ -38,18 +41,19 @@ class SegModelConfig:
     once); ``checkpoint``: a local ImageNet ResNet file (.pth/.pt with weights_only, .safetensors).
     """
 
-    name: Literal["fcn", "deeplabv3", "resnet", "pspnet"] = "fcn"
-    backbone: Literal["resnet50", "resnet101"] = "resnet101"
+    name: str = "fcn"  # l2sp.segmentation.models.HEADS
+    backbone: str = "resnet101"  # l2sp.segmentation.models.BACKBONES
     backbone_weights: str | None = None
     checkpoint: str | None = None
     bins: list = field(default_factory=lambda: [1, 2, 3, 6])  # PSPNet pyramid pooling
+    output_stride: int = 8  # the dilated backbone's output stride
 
 
 @dataclass
 class SegDataConfig:
     """The dataset in its official layout under ``root`` and the training augmentation."""
 
-    dataset: Literal["cityscapes", "sbd"] = "cityscapes"
+    dataset: str = "cityscapes"  # l2sp.segmentation.data.DATASETS (cityscapes, sbd)
     root: str | None = None
     train_split: str = "train"  # cityscapes: train (fine) | train_extra (coarse); sbd: train | train_noval
     val_split: str = "val"
@@ -61,21 +65,11 @@ class SegDataConfig:
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(RunTrainConfig):
     """How the run executes: device, precision, BatchNorm statistics, logging and checkpoints."""
 
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = True
-    compile: bool = False  # torch.compile (CUDA only)
-    freeze_bn_statistics: bool = True  # running statistics fixed, γ/β trained (FCN, ResNet, DeepLab)
     log_every: int = 20
-    ckpt_every: int = 1000  # 0: only the final checkpoint
-    tensorboard: bool = True
-    save_checkpoint: bool = True
-    save_model: bool = True
-    quiet: bool = False
+    freeze_bn_statistics: bool = True  # running statistics fixed, γ/β trained (FCN, ResNet, DeepLab)
 
 
 @dataclass
@@ -111,7 +105,8 @@ def _read(source: str | Path) -> dict:
     if is_file and not path.is_file():
         raise L2SPError(f"config file {path} does not exist; give a segmentation preset "
                         f"({', '.join(segmentation_presets())}) or a YAML path")
-    if not is_file and not (resources.files("l2sp") / "configs" / f"{source}.yaml").is_file():
+    shipped = (resources.files("l2sp") / "configs" / f"{source}.yaml").is_file() or str(source) in preset_matrix()
+    if not is_file and not shipped:
         raise L2SPError(f"unknown segmentation preset {str(source)!r}; valid presets: "
                         f"{', '.join(segmentation_presets())} (or give a YAML path)")
     data = _read_yaml(source)
@@ -174,19 +169,34 @@ def _check_source(cfg: SegConfig) -> None:
         raise L2SPError(f"reg.kind={r.kind} needs reg.fisher=FILE (the source network's Fisher, `l2sp fisher`)")
 
 
+def _registry(module: str, name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of a registry of ``l2sp.segmentation.MODULE`` (a dict's keys or a tuple), else ``fallback``."""
+    import importlib
+
+    found = getattr(importlib.import_module(f"l2sp.segmentation.{module}"), name, None)
+    return tuple(found) if found is not None else fallback
+
+
+def _check_registries(cfg: SegConfig) -> None:
+    m = cfg.model
+    for key, value, choices in (
+        ("data.dataset", cfg.data.dataset, _registry("data", "DATASETS", ("cityscapes", "sbd"))),
+        ("model.name", m.name, _registry("models", "HEADS", ("fcn", "deeplabv3", "resnet", "pspnet"))),
+        ("model.backbone", m.backbone, _registry("models", "BACKBONES", ("resnet50", "resnet101"))),
+    ):
+        if value not in choices:
+            raise L2SPError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+    strides = _registry("models", "OUTPUT_STRIDES", (8,))
+    if m.output_stride not in strides:
+        raise L2SPError(f"model.output_stride={m.output_stride} is not valid; choose one of "
+                        f"{', '.join(map(str, strides))}")
+
+
 def validate_segmentation(cfg: SegConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     o, t = cfg.optim, cfg.train
-    if o.steps < 1 or o.batch_size < 1:
-        raise L2SPError(f"optim.steps={o.steps} and optim.batch_size={o.batch_size} must be >= 1")
-    if o.lr <= 0:
-        raise L2SPError(f"optim.lr={o.lr} must be > 0")
-    if not all(isinstance(m, int) and m > 0 for m in o.milestones):
-        raise L2SPError(f"optim.milestones={o.milestones} must be positive step numbers, e.g. [6000]")
-    if cfg.reg.alpha < 0 or cfg.reg.beta < 0:
-        raise L2SPError(f"reg.alpha={cfg.reg.alpha} and reg.beta={cfg.reg.beta} must be >= 0")
-    if t.log_every < 1 or t.ckpt_every < 0:
-        raise L2SPError(f"train.log_every={t.log_every} must be >= 1 and train.ckpt_every={t.ckpt_every} >= 0")
+    validate_run(cfg)
+    _check_registries(cfg)
     _check_crop(cfg.data.crop)
     if cfg.data.scale_range is not None:
         _positive_pair("data.scale_range", cfg.data.scale_range)

@@ -1,9 +1,11 @@
 """``finetune_segmentation(config)``: the paper's segmentation protocol (Table 3) from a preset, in a run directory.
 
 The backbone (matched by name and shape in w0 = ``backbone_state_dict`` of the source ResNet) is S, the heads
-are S̄; the penalty is attached to SGD (weight decay 0 on what it penalizes). The data stream, training loop,
-NaN/Inf stop, schedules, checkpoints and optimizer are the classification engine's: a resumed run sees the
-same batches, augmentations and dropout masks as an uninterrupted one and ends with the same weights.
+are S̄; the penalty is attached to the optimizer (weight decay 0 on what it penalizes). This module is the
+segmentation *task* of the engine's one runner (:class:`l2sp.engine.runner.Runner`): data, network, w0, the
+loss (cross-entropy over the pixels that are not ``ignore_index``) and the mIoU evaluation. The data stream,
+training loop, NaN/Inf stop, schedules, checkpoints and optimizer are the runner's: a resumed run sees the same
+batches, augmentations and dropout masks as an uninterrupted one and ends with the same weights.
 
 Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, TensorBoard events (``tb/``),
 ``checkpoints/last.pt`` (model, optimizer, schedule, AMP scaler and RNG states, written atomically; w0 is
@@ -13,24 +15,21 @@ accuracy, per-class IoU).
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from l2sp.engine import checkpoint
-from l2sp.engine.config import NON_SEMANTIC, differences, expand_path
-from l2sp.engine.run import _truncate_metrics, build_optimizer, pick_device, seed_everything
-from l2sp.engine.schedule import Schedule, make_scheduler
-from l2sp.engine.trainer import LoopState, Trainer, train_loader
+from l2sp.engine.config import expand_path
+from l2sp.engine.rundir import RunDirectory
+from l2sp.engine.runner import Runner, Task, configure, pick_device, seed_everything
 from l2sp.errors import L2SPError
-from l2sp.io import atomic_write_json, atomic_write_text, save_tensors
 from l2sp.segmentation.config import (
     SegConfig,
     SegDataConfig,
@@ -38,7 +37,7 @@ from l2sp.segmentation.config import (
     resolve_segmentation,
     to_yaml,
 )
-from l2sp.segmentation.data import CityscapesSegmentation, SBDSegmentation
+from l2sp.segmentation.data import IGNORE_INDEX, CityscapesSegmentation, SBDSegmentation
 from l2sp.segmentation.metrics import evaluate_segmentation
 from l2sp.segmentation.models import (
     backbone_state_dict,
@@ -52,7 +51,6 @@ from l2sp.segmentation.transforms import eval_transform, train_transform
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
-TORCH_IGNORE = -100  # the ignore_index of F.cross_entropy's default, which the engine's Trainer uses
 
 
 def cityscapes_classes() -> list[str]:
@@ -64,19 +62,23 @@ def cityscapes_classes() -> list[str]:
 
 
 class TrainPairs(Dataset):
-    """A segmentation dataset's (image, mask) as plain tensors, ignored pixels (``ignore_index``) set to −100:
-    the engine's Trainer computes ``F.cross_entropy(logits, mask)``, the mean over the other pixels."""
+    """A segmentation dataset's (image, mask) as plain tensors, the mask int64 (ignored pixels keep
+    ``IGNORE_INDEX``, which :func:`pixel_cross_entropy` leaves out)."""
 
-    def __init__(self, dataset: Dataset, ignore_index: int = 255) -> None:
-        self.dataset, self.ignore_index = dataset, ignore_index
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.dataset[i]
-        mask = mask.as_subclass(torch.Tensor).long()
-        return image.as_subclass(torch.Tensor), mask.masked_fill(mask == self.ignore_index, TORCH_IGNORE)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+
+def pixel_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross-entropy over the pixels whose label is not ``IGNORE_INDEX`` (255)."""
+    return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
 
 
 class MainLogits(nn.Module):
@@ -142,10 +144,14 @@ def source_weights(m: SegModelConfig) -> dict[str, torch.Tensor] | None:
     return None
 
 
+_MODEL_KEYWORDS = inspect.signature(build_segmentation_model).parameters
+
+
 def build_model(cfg: SegConfig, num_classes: int, w0: dict[str, torch.Tensor] | None) -> nn.Module:
     """The network with w0 loaded into its backbone; BatchNorm statistics frozen if ``train.freeze_bn_statistics``."""
     m = cfg.model
-    model = build_segmentation_model(m.name, num_classes, backbone=m.backbone, bins=tuple(m.bins))
+    extra = {"output_stride": m.output_stride} if "output_stride" in _MODEL_KEYWORDS else {}
+    model = build_segmentation_model(m.name, num_classes, backbone=m.backbone, bins=tuple(m.bins), **extra)
     if w0 is not None:
         try:
             load_backbone(model, w0)
@@ -206,84 +212,6 @@ def setup_segmentation(cfg: SegConfig) -> SegmentationSetup:
     return SegmentationSetup(cfg, device, train, val, classes, model, w0, reg)
 
 
-def _check_run_dir(run_dir: Path, cfg: SegConfig, resume: bool, overwrite: bool) -> None:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    if overwrite:
-        for name in ("checkpoints", "tb", "metrics.jsonl", "results.json", "model.safetensors"):
-            p = run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        return
-    old = resolve_segmentation(str(saved))
-    old.name, old.out = cfg.name, cfg.out
-    diff = differences(old, cfg, NON_SEMANTIC)
-    if diff:
-        raise L2SPError(f"run directory {run_dir} already holds a different config ({'; '.join(diff[:3])}); "
-                        "choose another --out directory or pass --overwrite")
-    if not resume:
-        raise L2SPError(f"run directory {run_dir} already holds this run; pass --resume to continue it "
-                        "or --overwrite to start again")
-
-
-def _restore(path: Path, s: SegmentationSetup, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: Any) -> int:
-    """Load a checkpoint into the run (RNG states last); returns its step."""
-    state = checkpoint.load(path, map_location=s.device)
-    try:
-        s.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise L2SPError(f"checkpoint {path} does not match this run's model ({str(exc).splitlines()[0]}); "
-                        "start the run again with --overwrite") from exc
-    checkpoint.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-def _train(s: SegmentationSetup, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path, resume: bool,
-           stop_after: int | None) -> LoopState:
-    """The engine's Trainer over the seeded, resumable batch stream; checkpoints in ``run_dir/checkpoints``."""
-    cfg = s.cfg
-    t, o = cfg.train, cfg.optim
-    ckpt_path, metrics = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    forward = MainLogits(s.model)
-
-    def save(step: int) -> None:
-        scaler = trainer.scaler.state_dict() if trainer.scaler is not None else {}
-        checkpoint.save(ckpt_path, step=step, model=s.model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler)
-
-    trainer = Trainer(s.model, optimizer, scheduler, device=s.device, amp=t.amp, channels_last=t.channels_last,
-                      forward=torch.compile(forward) if t.compile and s.device.type == "cuda" else forward,
-                      regularizer=s.regularizer, log_every=t.log_every,
-                      ckpt_every=t.ckpt_every if t.save_checkpoint else 0, metrics_path=metrics, quiet=t.quiet,
-                      save_checkpoint=save)
-    start = 0
-    if resume and ckpt_path.is_file():
-        start = _restore(ckpt_path, s, optimizer, scheduler, trainer.scaler)
-        _truncate_metrics(metrics, start)
-    else:
-        metrics.unlink(missing_ok=True)
-    if t.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        trainer.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
-    loader = train_loader(TrainPairs(s.train), o.batch_size, t.seed, start, o.steps,
-                          num_workers=cfg.data.num_workers, pin_memory=s.device.type == "cuda")
-    try:
-        loop = trainer.run(loader, start, o.steps, stop_after=stop_after)
-    finally:
-        if trainer.writer is not None:
-            trainer.writer.close()
-    done = loop.step >= o.steps
-    if done and t.save_checkpoint and (not ckpt_path.is_file() or t.ckpt_every == 0 or o.steps % t.ckpt_every):
-        save(o.steps)
-    return loop
-
-
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -295,33 +223,40 @@ def evaluate_run(s: SegmentationSetup) -> dict:
     loader = DataLoader(s.val, batch_size=1, num_workers=s.cfg.data.num_workers,
                         pin_memory=s.device.type == "cuda")
     r = evaluate_segmentation(s.model, loader, len(s.classes), scales=tuple(e.scales), flip=e.flip)
-    return {"miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"]),
-            "classes": list(s.classes), "per_class_iou": [_finite(v) for v in r["per_class_iou"]],
-            "images": len(s.val), "split": s.cfg.data.val_split, "scales": list(e.scales), "flip": e.flip}
+    val = {"miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"]),
+           "classes": list(s.classes), "per_class_iou": [_finite(v) for v in r["per_class_iou"]],
+           "images": len(s.val), "split": s.cfg.data.val_split, "scales": list(e.scales), "flip": e.flip}
+    return {"val": val, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"]}
 
 
-def _results(s: SegmentationSetup, loop: LoopState, run_dir: Path) -> dict:
-    cfg, reg = s.cfg, s.regularizer
-    val = evaluate_run(s)
-    return {
-        "name": cfg.name, "seed": cfg.train.seed, "steps": cfg.optim.steps, "run_dir": str(run_dir),
-        "model": cfg.model.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
-        "regularizer": cfg.reg.kind, "alpha": cfg.reg.alpha, "beta": cfg.reg.beta,
-        "penalized": None if reg is None else {"S": len(reg.shared), "S_bar": len(reg.novel)},
-        "bn_statistics": "frozen" if cfg.train.freeze_bn_statistics else "trained",
-        "train_time_s": loop.train_time, "final_loss": loop.last_loss,
-        "images_per_s": loop.steps_this_call * cfg.optim.batch_size / max(loop.train_time, 1e-9),
-        "val": val, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
-    }
-
-
-def _announce(s: SegmentationSetup, run_dir: Path) -> None:
+def _announce(s: SegmentationSetup) -> str:
     cfg, reg = s.cfg, s.regularizer
     pen = "no penalty" if reg is None else (f"{cfg.reg.kind} (alpha={cfg.reg.alpha:g}, beta={cfg.reg.beta:g}; "
                                             f"{len(reg.shared)} tensors in S, {len(reg.novel)} in S-bar)")
     bn = "frozen" if cfg.train.freeze_bn_statistics else "trained"
-    print(f"{cfg.name}: {cfg.model.name} on {cfg.model.backbone}, {cfg.data.dataset} ({len(s.train)} training "
-          f"images), {pen}, BN statistics {bn}, {cfg.optim.steps} steps on {s.device} -> {run_dir}", flush=True)
+    return (f"{cfg.name}: {cfg.model.name} on {cfg.model.backbone}, {cfg.data.dataset} ({len(s.train)} training "
+            f"images), {pen}, BN statistics {bn}, {cfg.optim.steps} steps on {s.device}")
+
+
+def segmentation_task(s: SegmentationSetup) -> Task:
+    """The runner's view of a segmentation set-up: main logits, pixel cross-entropy, mIoU on the validation split."""
+    cfg, reg = s.cfg, s.regularizer
+    return Task(
+        model=s.model,
+        train=TrainPairs(s.train),
+        loss=pixel_cross_entropy,
+        forward=MainLogits(s.model),
+        regularizer=reg,
+        evaluate=lambda: evaluate_run(s),
+        describe={"model": cfg.model.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
+                  "regularizer": cfg.reg.kind, "alpha": cfg.reg.alpha, "beta": cfg.reg.beta,
+                  "penalized": None if reg is None else {"S": len(reg.shared), "S_bar": len(reg.novel)},
+                  "bn_statistics": "frozen" if cfg.train.freeze_bn_statistics else "trained"},
+        announce=_announce(s),
+        final_record=lambda r: {"val_miou": r["val_miou"], "val_pixel_acc": r["val_pixel_acc"]},
+        model_metadata={"model": cfg.model.name, "backbone": cfg.model.backbone, "num_classes": len(s.classes)},
+        checkpoint_regularizer=False,
+    )
 
 
 def finetune_segmentation(config: Any = None, overrides: list[str] | dict | None = None, *, out: str | None = None,
@@ -334,34 +269,11 @@ def finetune_segmentation(config: Any = None, overrides: list[str] | dict | None
     that many steps of this call, with a checkpoint (as if killed). Returns the results (also
     ``results.json``): ``val_miou``, ``val_pixel_acc`` and ``val["per_class_iou"]`` among others.
     """
-    cfg = resolve_segmentation(config, overrides)
-    if quiet is not None:
-        cfg.train.quiet = quiet
-    if out is not None:
-        cfg.out = str(out)
-    run_dir = cfg.run_dir()
-    _check_run_dir(run_dir, cfg, resume, overwrite)
-    if resume and (run_dir / "results.json").is_file():
-        return json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    cfg = configure(config, overrides, quiet=quiet, out=out, resolver=resolve_segmentation)
+    run = RunDirectory(cfg.run_dir(), resolve_segmentation)
+    finished = run.claim(cfg, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        return finished
     s = setup_segmentation(cfg)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    if not cfg.train.quiet:
-        _announce(s, run_dir)
-    optimizer = build_optimizer(s.model, cfg, s.regularizer.penalized_names() if s.regularizer else set())
-    handle = s.regularizer.attach(optimizer, mode=cfg.reg.mode) if s.regularizer is not None else None
-    o = cfg.optim
-    scheduler = make_scheduler(optimizer, Schedule(o.schedule, o.steps, list(o.milestones), o.gamma, o.power))
-    loop = _train(s, optimizer, scheduler, run_dir, resume, stop_after)
-    if loop.step < o.steps:  # interrupted on purpose (stop_after)
-        return {"interrupted": True, "step": loop.step, "run_dir": str(run_dir)}
-    if handle is not None:
-        handle.remove()
-    results = _results(s, loop, run_dir)
-    if cfg.train.save_model:
-        save_tensors(run_dir / "model.safetensors", s.model.state_dict(),
-                     {"model": cfg.model.name, "backbone": cfg.model.backbone, "num_classes": len(s.classes)})
-    atomic_write_json(run_dir / "results.json", results)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": o.steps, "val_miou": results["val_miou"],
-                            "val_pixel_acc": results["val_pixel_acc"]}) + "\n")
-    return results
+    runner = Runner(cfg, run, segmentation_task(s), s.device)
+    return runner.fit(resume=resume, stop_after=stop_after, config_text=to_yaml(cfg))

@@ -1,0 +1,251 @@
+"""One runner for every task: the run directory, optimizer + penalty + schedule, resume, the training loop (NaN
+guard, logging, evaluation schedule, checkpoints), the final checkpoint, weights and results.
+
+A task (:class:`Task`: classification in :mod:`l2sp.engine.classification`, segmentation in
+:mod:`l2sp.segmentation.run`) supplies what is specific to it: the model, the training data, the loss, the metrics
+and the words of its announcement. :meth:`Runner.fit` is the same sequence of named steps for all of them:
+
+    write config -> announce -> optimizer (+ attach Ω) -> scheduler -> trainer -> restore? -> loop -> final
+    checkpoint -> evaluate -> model.safetensors, results.json, metrics.jsonl
+
+Run directory: ``config.yaml`` (resolved, written once set-up has succeeded), ``split.json`` (when the task has
+a split), ``metrics.jsonl``, TensorBoard events (``tb/``), ``checkpoints/last.pt`` (training state, atomic),
+``model.safetensors`` (final weights), ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from l2sp.engine.checkpoint import load as load_checkpoint
+from l2sp.engine.checkpoint import save as save_checkpoint
+from l2sp.engine.checkpoint import set_rng_state
+from l2sp.engine.config import resolve
+from l2sp.engine.rundir import RunDirectory
+from l2sp.engine.schedule import Schedule, make_scheduler
+from l2sp.engine.trainer import LoopState, Trainer, cross_entropy, train_loader
+from l2sp.errors import L2SPError
+from l2sp.io import atomic_write_json, save_tensors
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's (legacy global) and torch's RNGs with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global RNG user code draws from)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an unavailable CUDA device is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise L2SPError(f"train.device={name} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise L2SPError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return dev
+
+
+def configure(config: Any, overrides: list[str] | dict | None, *, quiet: bool | None, out: str | None,
+              resolver: Any = resolve) -> Any:
+    """The resolved config with the call's ``quiet`` and ``out`` applied."""
+    cfg = resolver(config, overrides)
+    if quiet is not None:
+        cfg.train.quiet = quiet
+    if out is not None:
+        cfg.out = str(out)
+    return cfg
+
+
+def loader_options(dataset: Dataset, num_workers: int, device: torch.device) -> dict:
+    """DataLoader workers and pinning: none for a dataset already on the device (``dataset.on_device``)."""
+    if getattr(dataset, "on_device", False):
+        return {"num_workers": 0, "pin_memory": False}
+    return {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+
+
+def build_optimizer(model: nn.Module, cfg: Any, penalized: set[str]) -> torch.optim.Optimizer:
+    """``optim.name`` (SGD with momentum, or AdamW) over the trainable parameters, in two groups: those Ω
+    penalizes get weight_decay = 0 (Ω replaces the optimizer's decay, never adds to it), the others
+    ``optim.weight_decay``."""
+    from l2sp.reference import strip_prefix
+
+    pen, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (pen if strip_prefix(name) in penalized else rest).append(p)
+    o = cfg.optim
+    groups = [g for g in ({"params": pen, "weight_decay": 0.0}, {"params": rest, "weight_decay": o.weight_decay})
+              if g["params"]]
+    if not groups:
+        raise L2SPError("no trainable parameter left (train.freeze covers the whole network); lower train.freeze")
+    if getattr(o, "name", "sgd") == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, foreach=True)
+
+
+@dataclass
+class Task:
+    """What a task supplies to the :class:`Runner` (built after seeding, on the run's device).
+
+    ``model``: the network trained and checkpointed; ``train``: a dataset of (input, target) items (or with
+    ``get_batch(indices) -> (inputs, targets)``); ``loss(output, target) -> scalar``; ``forward``: what maps
+    the inputs to ``output`` (default ``model``); ``regularizer``: Ω or None; ``validate() -> {name: value}``:
+    metrics during training (``train.eval_every``); ``evaluate() -> dict``: the final metrics, merged into
+    ``results.json``; ``describe``: entries of ``results.json`` known before training; ``announce``: the line
+    printed at the start; ``split``: written to ``split.json``; ``final_record(results)``: the last line of
+    ``metrics.jsonl``; ``model_metadata``: stored in ``model.safetensors``; ``checkpoint_regularizer``: keep Ω's
+    buffers in the checkpoint (False where w0 is rebuilt from its source on resume).
+    """
+
+    model: nn.Module
+    train: Dataset
+    loss: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy
+    forward: nn.Module | None = None
+    regularizer: Any = None
+    validate: Callable[[], dict] | None = None
+    evaluate: Callable[[], dict] = dict
+    describe: dict = field(default_factory=dict)
+    announce: str = ""
+    split: dict | None = None
+    final_record: Callable[[dict], dict] = lambda results: {}
+    model_metadata: dict = field(default_factory=dict)
+    checkpoint_regularizer: bool = True
+
+
+class Runner:
+    """Fits one :class:`Task` under a run config (``optim``, ``reg.mode``, ``train``, ``data.num_workers``) in
+    one :class:`~l2sp.engine.rundir.RunDirectory`: :meth:`fit` is the whole run, each step a method."""
+
+    def __init__(self, cfg: Any, run: RunDirectory, task: Task, device: torch.device) -> None:
+        self.cfg, self.run, self.task, self.device = cfg, run, task, device
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.trainer: Trainer | None = None
+
+    def fit(self, *, resume: bool = False, stop_after: int | None = None, config_text: str = "") -> dict:
+        """The run: returns ``results.json``'s dict, or ``{"interrupted": True, ...}`` after ``stop_after``."""
+        cfg, task = self.cfg, self.task
+        self.run.commit_config(config_text)
+        if not cfg.train.quiet:
+            print(f"{task.announce} -> {self.run.path}", flush=True)
+        if task.split is not None:
+            atomic_write_json(self.run.path / "split.json", task.split)
+        handle = self.build_optimizer()
+        self.trainer = self.build_trainer()
+        start = self.restore() if resume and self.run.checkpoint.is_file() else self.run.reset_metrics()
+        loop = self.train(start, stop_after)
+        if loop.step < cfg.optim.steps:  # interrupted on purpose (stop_after)
+            return {"interrupted": True, "step": loop.step, "run_dir": str(self.run.path)}
+        self.final_checkpoint()
+        if handle is not None:
+            handle.remove()
+        return self.finish(loop)
+
+    def build_optimizer(self) -> Any:
+        """Optimizer (penalized parameters at weight decay 0), Ω attached (``reg.mode``), LR scheduler."""
+        reg, o = self.task.regularizer, self.cfg.optim
+        self.optimizer = build_optimizer(self.task.model, self.cfg, reg.penalized_names() if reg else set())
+        handle = reg.attach(self.optimizer, mode=self.cfg.reg.mode) if reg is not None else None
+        self.scheduler = make_scheduler(self.optimizer,
+                                        Schedule(o.schedule, o.steps, list(o.milestones), o.gamma, o.power))
+        return handle
+
+    def build_trainer(self) -> Trainer:
+        t, task = self.cfg.train, self.task
+        forward = task.forward or task.model
+        if t.compile and self.device.type == "cuda":
+            forward = torch.compile(forward)
+        return Trainer(task.model, self.optimizer, self.scheduler, device=self.device, amp=t.amp,
+                       channels_last=t.channels_last, forward=forward, regularizer=task.regularizer,
+                       log_every=t.log_every, ckpt_every=t.ckpt_every if t.save_checkpoint else 0,
+                       eval_every=getattr(t, "eval_every", 0), metrics_path=self.run.metrics, quiet=t.quiet,
+                       save_checkpoint=self.save, validate=task.validate, loss_fn=task.loss)
+
+    def save(self, step: int) -> None:
+        """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically."""
+        if not self.cfg.train.save_checkpoint:
+            return
+        reg, scaler = self.task.regularizer, self.trainer.scaler
+        extra = ({"regularizer": reg.state_dict() if reg is not None else {}}
+                 if self.task.checkpoint_regularizer else {})
+        save_checkpoint(self.run.checkpoint, step=step, model=self.task.model.state_dict(),
+                        optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                        scaler=scaler.state_dict() if scaler is not None else {}, **extra)
+
+    def restore(self) -> int:
+        """Load the last checkpoint into the run (RNG states last); returns its step."""
+        path, reg, scaler = self.run.checkpoint, self.task.regularizer, self.trainer.scaler
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            self.task.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if reg is not None and state.get("regularizer"):
+                reg.load_state_dict(state["regularizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise L2SPError(f"checkpoint {path} does not match this run's model ({str(exc).splitlines()[0]}); "
+                            "start the run again with --overwrite") from exc
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        self.run.truncate_metrics(start)
+        return start
+
+    def train(self, start: int, stop_after: int | None) -> LoopState:
+        """The loop over the seeded, resumable batch stream of steps ``start .. optim.steps-1``."""
+        cfg, trainer = self.cfg, self.trainer
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            trainer.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=start or None)
+        ds = self.task.train
+        loader = train_loader(ds, cfg.optim.batch_size, cfg.train.seed, start, cfg.optim.steps,
+                              **loader_options(ds, cfg.data.num_workers, self.device))
+        try:
+            return trainer.run(loader, start, cfg.optim.steps, stop_after=stop_after)
+        finally:
+            if trainer.writer is not None:
+                trainer.writer.close()
+
+    def final_checkpoint(self) -> None:
+        """The state at the last step, unless the periodic checkpoint already wrote it."""
+        t, steps = self.cfg.train, self.cfg.optim.steps
+        if t.save_checkpoint and (not self.run.checkpoint.is_file() or t.ckpt_every == 0 or steps % t.ckpt_every):
+            self.save(steps)
+
+    def finish(self, loop: LoopState) -> dict:
+        """Evaluate, then write ``model.safetensors``, ``results.json`` and the last line of ``metrics.jsonl``."""
+        cfg = self.cfg
+        results = {"name": cfg.name, "seed": cfg.train.seed, "steps": cfg.optim.steps, "run_dir": str(self.run.path),
+                   **self.task.describe, "train_time_s": loop.train_time, "final_loss": loop.last_loss,
+                   "images_per_s": loop.steps_this_call * cfg.optim.batch_size / max(loop.train_time, 1e-9)}
+        results.update(self.task.evaluate())
+        if cfg.train.save_model:
+            save_tensors(self.run.path / "model.safetensors", self.task.model.state_dict(), self.task.model_metadata)
+        atomic_write_json(self.run.path / "results.json", results)
+        self.run.append_metrics({"step": cfg.optim.steps, **self.task.final_record(results)})
+        return results
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """An unshuffled DataLoader for evaluation."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      **loader_options(dataset, num_workers, device))
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
