@@ -102,7 +102,7 @@ class RegularizerHandle:
     def _group_blocks(self) -> list[tuple[dict, Any]]:
         """One block per optimizer parameter group (rebuilt after the regularizer moved, or groups changed)."""
         reg, groups = self.regularizer, self.optimizer.param_groups
-        key = (reg.version, tuple((id(g["params"]), len(g["params"])) for g in groups))
+        key = (reg.version, len(groups))  # add_param_group appends a group
         if key != self._key:
             blocks = [(g, reg.block(g["params"])) for g in groups]
             self._blocks = [(g, b) for g, b in blocks if b is not None]
