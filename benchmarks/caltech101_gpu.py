@@ -178,21 +178,12 @@ def resolve_run(kind: str, seed: int, args: argparse.Namespace, pack: Path, fish
             "optim.milestones": [round(args.steps * 2 / 3)], "train.amp": "bf16", "train.channels_last": True,
             "train.compile": bool(getattr(args, "compile", False)), "data.val_per_class": args.val_per_class,
             "train.device": getattr(args, "device", "cuda"), "train.tensorboard": False,
-            "train.save_checkpoint": False, "name": f"{kind}-seed{seed}", **on_device(), **kind_overrides}
+            "train.save_checkpoint": False, "data.on_device": True, "name": f"{kind}-seed{seed}", **kind_overrides}
     if fisher is not None and preset.endswith("fisher"):
         over["reg.fisher"] = str(fisher)
     over.update(parse_overrides(args.set))
     over.update(extra or {})
     return resolve(preset, over)
-
-
-def on_device() -> dict:
-    """``data.on_device=true`` where the engine has that switch (loaders without workers or pinned memory)."""
-    import dataclasses
-
-    from l2sp.engine.config import DataConfig
-
-    return {"data.on_device": True} if "on_device" in {f.name for f in dataclasses.fields(DataConfig)} else {}
 
 
 def train_run(cfg: Any, data: dict, run_dir: str | Path) -> dict:

@@ -348,8 +348,9 @@ def test_gpu_training_run_on_cpu(tmp_path, shared_dir, gpu):
     args = argparse.Namespace(steps=3, val_per_class=1, device="cpu",
                               set=["data.image_size=32", "optim.batch_size=4"])
     cfg = gpu.resolve_run("l2-sp-fisher", 0, args, pack, tmp_path / "f.safetensors", {"optim.lr": 0.001})
-    settings = (cfg.reg.kind, cfg.optim.lr, cfg.optim.milestones, cfg.train.amp, cfg.train.channels_last)
-    assert settings == ("l2-sp-fisher", 0.001, [2], "bf16", True)
+    settings = (cfg.reg.kind, cfg.optim.lr, cfg.optim.milestones, cfg.train.amp, cfg.train.channels_last,
+                cfg.data.on_device)
+    assert settings == ("l2-sp-fisher", 0.001, [2], "bf16", True, True)
     cfg.train.amp = "none"
     r = gpu.train_run(cfg, data, tmp_path / "run")
     assert r["steps"] == 3 and 0 <= r["test_top1"] <= 100 and 0 <= r["val_top1"] <= 100
