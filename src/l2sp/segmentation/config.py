@@ -61,6 +61,7 @@ class SegDataConfig:
     crop: int | list = 800  # side or [height, width]
     scale_range: list | None = None  # random scale [low, high] (PSPNet: [0.5, 2.0]); null: none
     flip: bool = False  # random horizontal flip
+    normalization: str | None = None  # input normalization of the backbone's weights: imagenet (default) | half
     num_workers: int = 0
 
 

@@ -37,7 +37,7 @@ from l2sp.segmentation.config import (
     resolve_segmentation,
     to_yaml,
 )
-from l2sp.segmentation.data import IGNORE_INDEX, CityscapesSegmentation, SBDSegmentation
+from l2sp.segmentation.data import DATASETS, IGNORE_INDEX, build_dataset
 from l2sp.segmentation.metrics import evaluate_segmentation
 from l2sp.segmentation.models import (
     backbone_state_dict,
@@ -93,23 +93,20 @@ class MainLogits(nn.Module):
 
 
 def build_datasets(d: SegDataConfig) -> tuple[Dataset, Dataset, list[str]]:
-    """(training set with the augmentation, validation set, class names) of ``data.dataset`` under ``data.root``."""
+    """(training set with the augmentation, validation set, class names) of ``data.dataset`` (a name of
+    ``l2sp.segmentation.data.DATASETS``) under ``data.root``; inputs normalized by ``data.normalization``."""
     root = expand_path(d.root)
     if root is None:
         raise L2SPError(f"data.root is not set; give data.root=/path/to/{d.dataset} (its official layout, "
                         "see docs/segmentation.md)")
     scale = tuple(d.scale_range) if d.scale_range is not None else None
-    train_tf = train_transform(d.crop, scale_range=scale, flip=d.flip)
+    train_tf = train_transform(d.crop, scale_range=scale, flip=d.flip, normalization=d.normalization)
     try:
-        if d.dataset == "cityscapes":
-            train = CityscapesSegmentation(root, d.train_split, mode=d.mode, transforms=train_tf)
-            val = CityscapesSegmentation(root, d.val_split, transforms=eval_transform())
-            return train, val, cityscapes_classes()
-        train = SBDSegmentation(root, d.train_split, transforms=train_tf)
-        val = SBDSegmentation(root, d.val_split, transforms=eval_transform())
-        return train, val, list(VOC_CLASSES)
+        train = build_dataset(d.dataset, root, d.train_split, transforms=train_tf, mode=d.mode)
+        val = build_dataset(d.dataset, root, d.val_split, transforms=eval_transform(normalization=d.normalization))
     except L2SPError as exc:
         raise L2SPError(f"data.root={root}: {exc}") from exc
+    return train, val, list(DATASETS[d.dataset].classes)
 
 
 def _torchvision_state(backbone: str, name: str) -> dict[str, torch.Tensor]:
