@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from l2sp import fisher as fisher_io
 from l2sp.errors import L2SPError
-from l2sp.penalties import Regularizer, regularizer
+from l2sp.optim import MODES
+from l2sp.penalties import Regularizer, get_penalty, regularizer
 from l2sp.reference import load_source, strip_prefix
-
-MODES = ("coupled", "decoupled", "proximal")
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -25,23 +25,29 @@ def require(module: str, extra: str, what: str) -> Any:
         raise L2SPError(f"{what} needs {module.split('.')[0]}; pip install 'l2sp[{extra}]'") from exc
 
 
-def kinds() -> tuple[str, ...]:
-    """The penalty kinds known now (the built-ins and any registered by the user)."""
-    try:
-        from l2sp.penalties import penalty_names
-    except ImportError:
-        from l2sp.penalties import KINDS
-
-        return tuple(KINDS)
-    return penalty_names()
-
-
 def check_settings(kind: str, mode: str) -> None:
     """Fail at construction (not when training starts) on an unknown kind or mode."""
-    if kind not in kinds():
-        raise L2SPError(f"unknown regularizer kind {kind!r}; choose one of {', '.join(kinds())}")
+    get_penalty(kind)  # one line listing the known kinds, for an unknown one
     if mode not in MODES:
         raise L2SPError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+class PenaltyCallback:
+    """The constructor the framework callbacks share: what Ω is, checked at once (not when training starts)."""
+
+    def __init__(self, source: Any, kind: str, *, alpha: float, beta: float, fisher: Any = None,
+                 include: str = "all", mode: str = "coupled", log_penalty: bool = True, **options: Any):
+        check_settings(kind, mode)
+        self.source, self.fisher = source, fisher
+        self.settings = {"kind": kind, "alpha": alpha, "beta": beta, "include": include, "mode": mode,
+                         "options": options}
+        self.log_penalty = log_penalty
+        self.regularizer: Regularizer | None = None
+        self._handle: Any = None
+
+    @property
+    def needs_fisher(self) -> bool:
+        return get_penalty(self.settings["kind"]).needs_fisher
 
 
 def build(model: nn.Module, settings: Mapping[str, Any], source: Any, fisher: Any, where: str) -> Regularizer:
@@ -69,9 +75,7 @@ def reference_state(reg: Regularizer, source: Any, fisher: Any) -> dict[str, Any
     fis = None
     if fisher is not None:
         if isinstance(fisher, str | os.PathLike):
-            from l2sp import fisher as fisher_module
-
-            fisher = fisher_module.load(fisher)
+            fisher = fisher_io.load(fisher)
         ftable = {strip_prefix(k): v for k, v in fisher.items()}
         fis = {strip_prefix(n): ftable[strip_prefix(n)].detach().cpu() for n in reg.shared}
     return {"w0": w0, "fisher": fis}

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from l2sp.errors import L2SPError
-from l2sp.integrations._common import build, check_settings, reference_state, require, value
-from l2sp.penalties import Regularizer
+from l2sp.integrations._common import PenaltyCallback, build, reference_state, require, value
 
 _pl = require("lightning.pytorch", "lightning", "l2sp.integrations.lightning")
 _utils = require("lightning.pytorch.utilities", "lightning", "l2sp.integrations.lightning")
@@ -42,7 +41,7 @@ _WHERE = "the LightningModule's own parameters (lit_module.named_parameters())"
 _COMPARED = ("kind", "alpha", "beta", "include", "mode")
 
 
-class L2SP(_pl.Callback):
+class L2SP(PenaltyCallback, _pl.Callback):
     """Train a LightningModule on J(w) + Ω(w), Ω the ``kind`` penalty toward ``source`` (see module docstring).
 
     Args:
@@ -60,16 +59,11 @@ class L2SP(_pl.Callback):
     def __init__(self, source: Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike | None,
                  kind: str, *, alpha: float, beta: float, fisher: Any = None, include: str = "all",
                  mode: str = "coupled", log_penalty: bool = True, **options: Any):
-        check_settings(kind, mode)
-        self.source, self.fisher = source, fisher
-        self.settings = {"kind": kind, "alpha": alpha, "beta": beta, "include": include, "mode": mode,
-                         "options": options}
-        self.log_penalty = log_penalty
-        self.regularizer: Regularizer | None = None
+        super().__init__(source, kind, alpha=alpha, beta=beta, fisher=fisher, include=include, mode=mode,
+                         log_penalty=log_penalty, **options)
         self._reference: tuple[Any, Any] = (source, fisher)  # what the current regularizer was built from
         self._restored: dict[str, Any] | None = None
         self._module: Any = None
-        self._handle: Any = None
         self._backward_seen = False
 
     # ------------------------------------------------------------------ building
@@ -79,7 +73,7 @@ class L2SP(_pl.Callback):
             self._warn_if_changed(self._restored.get("settings", {}))
             if self._restored.get("w0") is not None:
                 source = self._restored["w0"]
-            if self._restored.get("fisher") is not None and self.settings["kind"].endswith("fisher"):
+            if self._restored.get("fisher") is not None and self.needs_fisher:
                 fisher = self._restored["fisher"]
         self._release()
         self.regularizer = build(pl_module, self.settings, source, fisher, _WHERE)

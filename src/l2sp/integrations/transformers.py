@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from l2sp.errors import L2SPError
-from l2sp.integrations._common import build, check_settings, require, value
-from l2sp.penalties import Regularizer
+from l2sp.integrations._common import PenaltyCallback, build, require, value
 
 _tf = require("transformers", "transformers", "l2sp.integrations.transformers")
 if not hasattr(_tf.TrainerCallback, "on_pre_optimizer_step"):
@@ -42,7 +41,7 @@ __all__ = ["L2SPCallback"]
 _WHERE = "the model the Trainer trains (model.named_parameters())"
 
 
-class L2SPCallback(_tf.TrainerCallback):
+class L2SPCallback(PenaltyCallback, _tf.TrainerCallback):
     """Train with ``transformers.Trainer`` on J(w) + Ω(w), Ω the ``kind`` penalty toward ``source``.
 
     Args:
@@ -60,13 +59,8 @@ class L2SPCallback(_tf.TrainerCallback):
     def __init__(self, source: Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike | None,
                  kind: str, *, alpha: float, beta: float, fisher: Any = None, include: str = "all",
                  mode: str = "coupled", log_penalty: bool = True, **options: Any):
-        check_settings(kind, mode)
-        self.source, self.fisher = source, fisher
-        self.settings = {"kind": kind, "alpha": alpha, "beta": beta, "include": include, "mode": mode,
-                         "options": options}
-        self.log_penalty = log_penalty
-        self.regularizer: Regularizer | None = None
-        self._handle: Any = None
+        super().__init__(source, kind, alpha=alpha, beta=beta, fisher=fisher, include=include, mode=mode,
+                         log_penalty=log_penalty, **options)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
