@@ -206,18 +206,39 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- presets
+def _matrix_lines() -> list[str]:
+    """The generated presets as a dataset × penalty table (``PREFIX-PENALTY[-VARIANT]``), labels from the
+    penalty registry."""
+    from l2sp.engine.config import preset_matrix
+    from l2sp.penalties import get_penalty
+
+    rows: dict[str, tuple[str, dict[str, list[str]]]] = {}
+    for name, (base, pen, var) in preset_matrix().items():
+        prefix = name[: -len(f"-{pen}" + (f"-{var}" if var else ""))]
+        cells = rows.setdefault(prefix, (base, {}))[1]
+        cells.setdefault(pen, [])
+        if var:
+            cells[pen].append(var)
+    lines = ["", "dataset x penalty matrix (NAME = DATASET-PENALTY[-VARIANT]; a dataset base `configs/_X.yaml` "
+             "declares its row):"]
+    for prefix, (base, cells) in sorted(rows.items()):
+        parts = [get_penalty(p).label + (f" (+{', '.join(v)})" if v else "") for p, v in cells.items()]
+        lines.append(f"  {prefix:18s} {base + '.yaml':22s} {'; '.join(parts)}")
+    return lines
+
+
 def _presets(args: argparse.Namespace) -> int:
     from l2sp.engine.config import preset_names, resolve
 
     for name in preset_names():
         if args.verbose:
             c = resolve(name)
-            print(
-                f"{name:32s} {c.model.arch:14s} {c.data.task:22s} {c.reg.kind:13s} alpha={c.reg.alpha:g} "
-                f"beta={c.reg.beta:g} lr={c.optim.lr:g}"
-            )
+            print(f"{name:32s} {c.model.arch:14s} {c.data.task:22s} {c.reg.kind:13s} alpha={c.reg.alpha:g} "
+                  f"beta={c.reg.beta:g} lr={c.optim.lr:g}")
         else:
             print(name)
+    if args.verbose:
+        print("\n".join(_matrix_lines()))
     seg = preset_names("segmentation")
     if seg:
         print("\nsegmentation (run with `l2sp segment NAME data.root=...`):")

@@ -44,8 +44,6 @@ ALPHAS = {
     "gl-sp-fisher": [1e-5, 1e-4, 1e-3],
 }
 BETA = 0.01  # "β = 0.01 was always picked" (the paper); β is varied only in the α/β heat map
-LABELS = {"l2": "L2", "l2-sp": "L2-SP", "l2-sp-fisher": "L2-SP-Fisher", "l1-sp": "L1-SP", "gl-sp": "GL-SP",
-          "gl-sp-fisher": "GL-SP-Fisher"}
 
 
 @dataclass

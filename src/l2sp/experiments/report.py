@@ -10,10 +10,20 @@ import torch
 from l2sp.analysis import tables
 from l2sp.experiments.seeds import mean_std
 from l2sp.io import atomic_write_text
+from l2sp.penalties import get_penalty, penalty_names
 
-ORDER = ["l2", "l2-sp", "l2-sp-fisher", "l1-sp", "gl-sp", "gl-sp-fisher", "l2+freeze", "l2-sp+freeze"]
-NAMES = {"l2": "L2", "l2-sp": "L2-SP", "l2-sp-fisher": "L2-SP-Fisher", "l1-sp": "L1-SP", "gl-sp": "GL-SP",
-         "gl-sp-fisher": "GL-SP-Fisher", "l2+freeze": "L2 + freezing", "l2-sp+freeze": "L2-SP + freezing"}
+ORDER = [*penalty_names(), "l2+freeze", "l2-sp+freeze"]  # the registered penalties, then the freezing baselines
+
+
+def label(method: str) -> str:
+    """A method's display name: the registered penalty's ``label``; "KIND+freeze" -> "LABEL + freezing"."""
+    kind, _, freeze = method.partition("+")
+    if kind not in penalty_names():
+        return method
+    name = get_penalty(kind).label
+    return f"{name} + freezing" if freeze else name
+
+
 TEST, VAL = "target test accuracy (%)", "validation accuracy (%)"
 
 
@@ -33,7 +43,7 @@ def accuracy_rows(final: list[dict], chosen: dict) -> list[dict]:
     for m in _methods(final):
         rs = [r for r in final if r["label"] == m]
         p = chosen[m]["params"]
-        rows.append({"method": NAMES.get(m, m), "alpha": p["alpha"], "lr": p["lr"], "frozen blocks": p["freeze"],
+        rows.append({"method": label(m), "alpha": p["alpha"], "lr": p["lr"], "frozen blocks": p["freeze"],
                      "val acc (grid)": 100 * chosen[m]["val_acc"], "runs": len(rs),
                      "test accuracy %": _pm([100 * r["test_acc"] for r in rs]),
                      "mean per-class %": _pm([100 * r["test_mean_per_class"] for r in rs])})
@@ -46,7 +56,7 @@ def drop_rows(final: list[dict]) -> list[dict]:
     for m in _methods(final):
         rs = [r for r in final if r["label"] == m and r.get("source_drop")]
         if rs:
-            rows.append({"method": NAMES.get(m, m),
+            rows.append({"method": label(m),
                          "source acc. before %": f"{rs[0]['source_drop']['source_acc']:.2f}",
                          "re-attached acc. %": _pm([r["source_drop"]["reattached_acc"] for r in rs]),
                          "drop (points)": _pm([r["source_drop"]["drop"] for r in rs])})
@@ -76,8 +86,8 @@ def _analysis_plots(out: Path, final: list[dict], fisher_path: Path) -> list[tup
         for m, r in firsts.items():
             art = load_run(r["run_dir"])
             loader = torch.utils.data.DataLoader(art.task.test, batch_size=256)
-            r2[NAMES[m]] = layerwise_r2(art.model, art.source_model, loader, max_images=1000)
-            dist[NAMES[m]] = layer_distance(art.model, art.source_model.state_dict())
+            r2[label(m)] = layerwise_r2(art.model, art.source_model, loader, max_images=1000)
+            dist[label(m)] = layer_distance(art.model, art.source_model.state_dict())
         plots.plot_r2_boxplots(r2, out / "r2_per_layer.png",
                                title="R² of fine-tuned vs pre-trained activations, per unit (target test images)")
         plots.plot_layer_distance(dist, out / "distance_per_layer.png")
@@ -103,7 +113,7 @@ def write_report(out: Path, *, plan: dict, grid: list[dict], extra: list[dict], 
                                          "val_acc": 100 * r["val_acc"],
                                          "source_drop": (r.get("source_drop") or {}).get("drop")} for r in final])
     figs = []
-    plots.plot_penalty_bars([{"penalty": NAMES.get(r["label"], r["label"]), TEST: 100 * r["test_acc"]}
+    plots.plot_penalty_bars([{"penalty": label(r["label"]), TEST: 100 * r["test_acc"]}
                              for r in final], out / "accuracy_per_penalty.png",
                             value=TEST)
     figs.append(("Target test accuracy per penalty (Figure 2 style)", "accuracy_per_penalty.png"))
@@ -112,8 +122,8 @@ def write_report(out: Path, *, plan: dict, grid: list[dict], extra: list[dict], 
                 for r in grid if r["params"]["kind"] == kind]
         if len({r["lr"] for r in rows}) > 1:
             plots.plot_alpha_beta_heatmap(rows, out / f"grid_{kind}.png", y="lr", value=VAL,
-                                          title=f"{NAMES[kind]}: validation accuracy vs α and learning rate")
-            figs.append((f"{NAMES[kind]}: the α × learning-rate grid", f"grid_{kind}.png"))
+                                          title=f"{label(kind)}: validation accuracy vs α and learning rate")
+            figs.append((f"{label(kind)}: the α × learning-rate grid", f"grid_{kind}.png"))
     if "l2-sp" in chosen:
         lr = chosen["l2-sp"]["params"]["lr"]
         rows = [{"alpha": r["params"]["alpha"], "beta": r["params"]["beta"], VAL: 100 * r["val_acc"]}
@@ -128,8 +138,8 @@ def write_report(out: Path, *, plan: dict, grid: list[dict], extra: list[dict], 
         if kind not in chosen:
             continue
         c = chosen[kind]["params"]
-        frozen_rows.append({"penalty": NAMES[kind], "frozen": 0, VAL: 100 * chosen[kind]["val_acc"]})
-        frozen_rows += [{"penalty": NAMES[kind], "frozen": r["params"]["freeze"], VAL: 100 * r["val_acc"]}
+        frozen_rows.append({"penalty": label(kind), "frozen": 0, VAL: 100 * chosen[kind]["val_acc"]})
+        frozen_rows += [{"penalty": label(kind), "frozen": r["params"]["freeze"], VAL: 100 * r["val_acc"]}
                         for r in extra if r["label"] == f"{kind}+freeze" and r["params"]["lr"] == c["lr"]]
     if len(frozen_rows) > 2:
         plots.plot_freezing_curve(frozen_rows, out / "freezing.png", value=VAL,
