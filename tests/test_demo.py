@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from l2sp.experiments.demo import ALPHAS, Plan, run_demo
-from l2sp.experiments.report import NAMES
+from l2sp.experiments.report import label
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_tiny_demo_writes_tables_plots_and_reuses_its_cache(tmp_path):
     cache = tmp_path / "cache"
     summary = run_demo(plan, tmp_path / "out", workers=1, cache=cache, say=said.append)
 
-    methods = [NAMES[k] for k in plan.kinds] + ["L2 + freezing", "L2-SP + freezing"]
+    methods = [label(k) for k in plan.kinds] + ["L2 + freezing", "L2-SP + freezing"]
     assert [r["method"] for r in summary["accuracy"]] == methods
     assert [r["method"] for r in summary["drop"]] == methods
     for row in summary["accuracy"]:
