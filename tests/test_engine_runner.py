@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 import l2sp
+import l2sp.engine
 from l2sp.cli import main
 from l2sp.engine.config import Config, flatten, resolve
 from l2sp.engine.run import build_optimizer, finetune, seed_everything
@@ -234,3 +235,45 @@ def test_validation_metrics_are_logged_with_a_val_prefix(tmp_path, data):
     finetune(cfg(**{"train.eval_every": 4}), task=data, model=net, source=w0, out=str(tmp_path / "run"))
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "val_top1" in r] == [4, 8]
+
+
+class Recorder(l2sp.engine.Hook):
+    """Records what a user hook sees: the steps, the learning rate, Ω at each step."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def before_train(self, trainer, state) -> None:
+        self.events.append(("before", state.step))
+
+    def after_step(self, trainer, state) -> None:
+        with torch.no_grad():
+            omega = float(trainer.regularizer())
+        self.events.append((state.step, trainer.optimizer.param_groups[0]["lr"], omega))
+
+    def after_train(self, trainer, state) -> None:
+        self.events.append(("after", state.step))
+
+
+def test_hooks_see_every_step_and_change_no_number(tmp_path, data):
+    rec = Recorder()
+    w0, net = source_and_model()
+    finetune(cfg(), task=data, model=net, source=w0, hooks=[rec], out=str(tmp_path / "hooked"))
+    plain, _ = engine_weights(tmp_path / "plain", cfg(), data, None)
+    assert rec.events[0] == ("before", 0) and rec.events[-1] == ("after", STEPS)
+    steps = rec.events[1:-1]
+    assert [e[0] for e in steps] == list(range(1, STEPS + 1))
+    # the rate after step t is the schedule's rate of step t (lr/10 from step 6 on)
+    assert [e[1] for e in steps] == pytest.approx([0.05] * 5 + [0.005] * 3)
+    assert steps[0][2] > 0  # Ω > 0 once the weights moved from w0 (the head is in S̄)
+    assert all(torch.equal(plain[k], v) for k, v in net.state_dict().items())
+
+
+def test_report_labels_come_from_the_penalty_registry():
+    from l2sp.experiments.report import ORDER, label
+    from l2sp.penalties import get_penalty, penalty_names
+
+    for kind in penalty_names():
+        assert label(kind) == get_penalty(kind).label
+    assert label("l2-sp+freeze") == "L2-SP + freezing" and label("other") == "other"
+    assert ORDER[: len(penalty_names())] == list(penalty_names())

@@ -172,7 +172,7 @@ def _validator(s: Setup) -> Any:
     return validate
 
 
-def classification_task(s: Setup, loss: Any = None) -> Task:
+def classification_task(s: Setup, loss: Any = None, hooks: Any = ()) -> Task:
     """The runner's view of a classification set-up: ``loss(output, labels)`` (default cross-entropy)."""
     return Task(
         model=s.model,
@@ -186,4 +186,5 @@ def classification_task(s: Setup, loss: Any = None) -> Task:
         split=getattr(s.task, "split", None),
         final_record=lambda results: {k: v for k, v in results.items() if k.endswith("_acc")},
         model_metadata={"head": s.head_name},
+        hooks=tuple(hooks),
     )

@@ -33,6 +33,7 @@ def finetune(
     model: nn.Module | None = None,
     loss: Any = None,
     source: Any = None,
+    hooks: Any = (),
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool | None = None,
@@ -45,9 +46,10 @@ def finetune(
     ``num_classes``, optionally ``in_channels`` and ``split``; see :mod:`l2sp.engine.classification`) instead of
     building ``config.data``. ``model``: your own ``nn.Module`` instead of ``config.model`` (already sized for
     the target; w0 = ``source``, a state dict, module or checkpoint file, else its weights as given).
-    ``loss(output, labels) -> scalar``: instead of cross-entropy. ``resume``: continue the run in the run
-    directory from its last checkpoint. ``stop_after``: stop after that many steps of this call, with a
-    checkpoint (as if killed). Returns the results dict (also ``results.json``).
+    ``loss(output, labels) -> scalar``: instead of cross-entropy. ``hooks``: :class:`l2sp.engine.trainer.Hook`
+    callbacks of the training loop (``before_train``, ``after_step``, ``after_train``). ``resume``: continue
+    the run in the run directory from its last checkpoint. ``stop_after``: stop after that many steps of this
+    call, with a checkpoint (as if killed). Returns the results dict (also ``results.json``).
     """
     cfg = configure(config, overrides, quiet=quiet, out=out)
     run = RunDirectory(cfg.run_dir(), resolve)
@@ -55,7 +57,7 @@ def finetune(
     if finished is not None:
         return finished
     s = setup(cfg, task, model=model, source=source)
-    runner = Runner(cfg, run, classification_task(s, loss), s.device)
+    runner = Runner(cfg, run, classification_task(s, loss, hooks), s.device)
     return runner.fit(resume=resume, stop_after=stop_after, config_text=to_yaml(cfg))
 
 

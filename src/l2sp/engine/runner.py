@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from l2sp.engine.checkpoint import set_rng_state
 from l2sp.engine.config import resolve
 from l2sp.engine.rundir import RunDirectory
 from l2sp.engine.schedule import Schedule, make_scheduler
-from l2sp.engine.trainer import LoopState, Trainer, cross_entropy, train_loader
+from l2sp.engine.trainer import Hook, LoopState, Trainer, cross_entropy, train_loader
 from l2sp.errors import L2SPError
 from l2sp.io import atomic_write_json, save_tensors
 
@@ -107,7 +107,8 @@ class Task:
     ``results.json``; ``describe``: entries of ``results.json`` known before training; ``announce``: the line
     printed at the start; ``split``: written to ``split.json``; ``final_record(results)``: the last line of
     ``metrics.jsonl``; ``model_metadata``: stored in ``model.safetensors``; ``checkpoint_regularizer``: keep Ω's
-    buffers in the checkpoint (False where w0 is rebuilt from its source on resume).
+    buffers in the checkpoint (False where w0 is rebuilt from its source on resume); ``hooks``: the user's
+    :class:`~l2sp.engine.trainer.Hook` callbacks.
     """
 
     model: nn.Module
@@ -123,6 +124,7 @@ class Task:
     final_record: Callable[[dict], dict] = lambda results: {}
     model_metadata: dict = field(default_factory=dict)
     checkpoint_regularizer: bool = True
+    hooks: Sequence[Hook] = ()
 
 
 class Runner:
@@ -172,7 +174,7 @@ class Runner:
                        channels_last=t.channels_last, forward=forward, regularizer=task.regularizer,
                        log_every=t.log_every, ckpt_every=t.ckpt_every if t.save_checkpoint else 0,
                        eval_every=getattr(t, "eval_every", 0), metrics_path=self.run.metrics, quiet=t.quiet,
-                       save_checkpoint=self.save, validate=task.validate, loss_fn=task.loss)
+                       save_checkpoint=self.save, validate=task.validate, loss_fn=task.loss, hooks=task.hooks)
 
     def save(self, step: int) -> None:
         """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically."""

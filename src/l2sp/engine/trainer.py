@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,21 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.float(), target)
 
 
+class Hook:
+    """A callback of the training loop (detectron2's ``HookBase``): override what you need. ``trainer`` is the
+    :class:`Trainer` (its ``model``, ``optimizer``, ``scheduler``, ``regularizer``), ``state`` the
+    :class:`LoopState` (``state.step`` = optimizer steps done)."""
+
+    def before_train(self, trainer: Trainer, state: LoopState) -> None:
+        """Once, before the first step of this call (after a resume: its first step)."""
+
+    def after_step(self, trainer: Trainer, state: LoopState) -> None:
+        """After every optimizer step and the schedule's step (no host sync unless the hook makes one)."""
+
+    def after_train(self, trainer: Trainer, state: LoopState) -> None:
+        """Once, after the last step of this call (also when stopped by ``stop_after``)."""
+
+
 @dataclass
 class _Window:
     """The losses of the steps since the last log line, kept on the device (read once per window)."""
@@ -180,6 +195,7 @@ class Trainer:
         save_checkpoint: Callable[[int], None] | None = None,
         validate: Callable[[], dict] | None = None,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.forward = forward or model
@@ -188,6 +204,7 @@ class Trainer:
         self.log_every, self.ckpt_every, self.eval_every = log_every, ckpt_every, eval_every
         self.metrics_path, self.writer, self.quiet = metrics_path, writer, quiet
         self.save_checkpoint, self.validate = save_checkpoint, validate
+        self.hooks = list(hooks)
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def _log(self, record: dict) -> None:
@@ -294,6 +311,8 @@ class Trainer:
         w = _Window(torch.zeros(self.log_every, device=self.device), 0, start, t0, t0)
         bar = tqdm(total=total, initial=start, disable=self.quiet, unit="it", dynamic_ncols=True, mininterval=0.5,
                    leave=False)
+        for h in self.hooks:
+            h.before_train(self, state)
         try:
             for x, y in loader:
                 loss, lr = self._step(x, y)
@@ -302,10 +321,14 @@ class Trainer:
                 state.step += 1
                 state.steps_this_call += 1
                 bar.update(1)
+                for h in self.hooks:
+                    h.after_step(self, state)
                 if self._after_step(w, state, total, stop_after, lr, len(x), bar):
                     break
         finally:
             bar.close()
+        for h in self.hooks:
+            h.after_train(self, state)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         state.train_time = time.perf_counter() - t0
