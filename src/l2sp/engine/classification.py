@@ -88,6 +88,13 @@ def _user_model(model: nn.Module, source: Any) -> Any:
     return BuiltModel(model, snapshot(model) if source is None else source, head, None)
 
 
+def _check_weights(weights: str | None) -> None:
+    path = expand_path(weights)
+    if path is not None and Path(path).is_dir():
+        raise L2SPError(f"model.weights={path} is a directory; give a checkpoint file (.pt, .pth, .safetensors) "
+                        "or a torchvision weights name (DEFAULT, IMAGENET1K_V1)")
+
+
 def _build_regularizer(cfg: Config, model: nn.Module, built: Any, device: torch.device) -> Any:
     from l2sp.penalties import regularizer
 
@@ -120,6 +127,7 @@ def setup(cfg: Config, task: Any = None, device: torch.device | None = None, *, 
     if model is not None:
         built = _user_model(model, source)
     else:
+        _check_weights(cfg.model.weights)
         built = from_config(cfg.model, task.num_classes, getattr(task, "in_channels", 3))
     net = built.model
     frozen = freeze_first(net, cfg.train.freeze)

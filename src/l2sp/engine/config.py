@@ -310,6 +310,29 @@ def _compose(name: str) -> dict:
     return data
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise L2SPError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise L2SPError(f"cannot read config file {path} ({exc.strerror})") from exc
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise L2SPError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); "
+                                "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
     """Read a preset or YAML file, resolving ``base:`` (a preset name or a path relative to the file)."""
     text, where = None, None
@@ -319,7 +342,7 @@ def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
             raise L2SPError(
                 f"config file {path} does not exist; give a preset name ({_preset_hint()}) or a path"
             )
-        text, where, key = path.read_text(encoding="utf-8"), path, str(path.resolve())
+        text, where, key = _read_text(path), path, str(path.resolve())
     else:
         res = resources.files("l2sp") / "configs" / f"{source}.yaml"
         if not res.is_file() and str(source) in preset_matrix():
@@ -332,7 +355,9 @@ def _read_yaml(source: str | Path, seen: tuple = ()) -> dict:
     if key in seen:
         raise L2SPError(f"{source}: the 'base' chain loops back to it; remove the cycle")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except L2SPError as exc:
+        raise L2SPError(f"{source}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise L2SPError(f"{source}: invalid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
     if not isinstance(data, dict):

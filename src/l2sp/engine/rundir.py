@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,32 @@ from l2sp.engine.config import NON_SEMANTIC, differences
 from l2sp.errors import L2SPError
 from l2sp.io import atomic_write_text
 
+#: the mark of a folder l2sp made for a run, written first; it lists what l2sp writes there
+MANIFEST = ".l2sp-run.json"
 #: what a run writes in its directory (``--overwrite`` deletes these, and only these)
-WRITTEN = ("checkpoints", "tb", "metrics.jsonl", "results.json", "model.safetensors", "split.json")
+WRITTEN = ("config.yaml", "split.json", "metrics.jsonl", "results.json", "model.safetensors", "checkpoints/last.pt")
+TB_EVENTS = "tb/events.out.tfevents.*"  # TensorBoard's files, also l2sp's
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The dotted path and values of the first place two JSON-like values differ, or None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{where}[{i}]"))),
+                    None)
+    if a == b:
+        return None
+    return f"{where or 'the record'}: {_short(a)} recorded, {_short(b)} now"
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RunDirectory:
@@ -36,25 +60,50 @@ class RunDirectory:
     def checkpoint(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
 
+    @property
+    def manifest(self) -> Path:
+        return self.path / MANIFEST
+
     def claim(self, cfg: Any, *, resume: bool, overwrite: bool) -> dict | None:
-        """Check the folder may hold this run and create it; returns the results of a finished run being
-        resumed (nothing left to do), else None."""
+        """Check the folder may hold this run, create it and mark it as l2sp's; returns the results of a finished
+        run being resumed (nothing left to do), else None."""
+        self._make_folder()
         self._check(cfg, resume, overwrite)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.manifest.is_file():
+            atomic_write_text(self.manifest, json.dumps({"written_by": "l2sp", "files": [*WRITTEN, TB_EVENTS]}))
+        self._remove_orphans()
         results = self.path / "results.json"
         if resume and results.is_file():
             return json.loads(results.read_text(encoding="utf-8"))
         return None
 
+    def _make_folder(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise L2SPError(f"--out {self.path} is a file, not a folder; give a directory path") from exc
+        except OSError as exc:  # PermissionError, read-only file system
+            raise L2SPError(f"cannot create the run directory {self.path} ({exc.strerror}); "
+                            "choose a writable --out") from exc
+        if not os.access(self.path, os.W_OK):
+            raise L2SPError(f"the run directory {self.path} is not writable; choose a writable --out")
+
+    def started(self) -> bool:
+        """Whether a run trained here (a checkpoint, metrics or results): a config alone is a failed start."""
+        return any(p.is_file() for p in (self.checkpoint, self.metrics, self.path / "results.json"))
+
     def _check(self, cfg: Any, resume: bool, overwrite: bool) -> None:
+        if overwrite:
+            if not self.manifest.is_file() and any(self.path.iterdir()):
+                raise L2SPError(f"{self.path} holds files l2sp did not write (no {MANIFEST}); --overwrite deletes "
+                                "only what l2sp wrote in a folder it made: choose another --out")
+            self._delete_own()
+            return
         if not self.config.is_file():
             return
-        if overwrite:
-            for name in WRITTEN:
-                p = self.path / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            return
-        old = self.read_config(str(self.config))
+        old = self._saved_config()
+        if not self.started():
+            return  # a start that failed before training: the new config replaces it
         old.name, old.out = cfg.name, cfg.out
         diff = differences(old, cfg, NON_SEMANTIC)
         if diff:
@@ -63,6 +112,47 @@ class RunDirectory:
         if not resume:
             raise L2SPError(f"run directory {self.path} already holds this run; pass --resume to continue it "
                             "or --overwrite to start again")
+
+    def _saved_config(self) -> Any:
+        """The saved config; one that is not an l2sp config of this task in a folder without the mark is not ours."""
+        try:
+            return self.read_config(str(self.config))
+        except L2SPError as exc:
+            if self.manifest.is_file():
+                raise
+            raise L2SPError(f"{self.path} holds a config.yaml l2sp did not write (no {MANIFEST}; {exc}); "
+                            "choose another --out") from exc
+
+    def _delete_own(self) -> None:
+        """Delete what a run writes (and TensorBoard's events, and orphaned temporary files), nothing else."""
+        for name in WRITTEN:
+            (self.path / name).unlink(missing_ok=True)
+        for p in self.path.glob(TB_EVENTS):
+            p.unlink()
+        self._remove_orphans()
+        for folder in ("checkpoints", "tb"):
+            d = self.path / folder
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of atomic writes interrupted by a kill (``.NAME.*.tmp``, never renamed)."""
+        for name in WRITTEN:
+            target = self.path / name
+            if target.parent.is_dir():
+                for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    def check_split(self, split: Any) -> None:
+        """On resume: the rebuilt data split must equal the recorded ``split.json`` (files, labels, indices)."""
+        path = self.path / "split.json"
+        if not path.is_file():
+            return
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        diff = first_difference(recorded, json.loads(json.dumps(split)))
+        if diff is not None:
+            raise L2SPError(f"the data split differs from the one this run trained on ({diff}); resume with the "
+                            "same data (data.root, the same files), or start again with --overwrite")
 
     def commit_config(self, text: str) -> None:
         """Write the resolved config (once the run's set-up has succeeded)."""

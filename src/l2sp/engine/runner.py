@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,17 @@ class Runner:
         self.run.commit_config(config_text)
         if not cfg.train.quiet:
             print(f"{task.announce} -> {self.run.path}", flush=True)
+        resuming = resume and self.run.checkpoint.is_file()
+        if resume and not resuming:
+            print(f"l2sp: notice: {self.run.path} has no checkpoint to resume from; starting at step 0",
+                  file=sys.stderr, flush=True)
         if task.split is not None:
+            if resuming:
+                self.run.check_split(task.split)
             atomic_write_json(self.run.path / "split.json", task.split)
         handle = self.build_optimizer()
         self.trainer = self.build_trainer()
-        start = self.restore() if resume and self.run.checkpoint.is_file() else self.run.reset_metrics()
+        start = self.restore() if resuming else self.run.reset_metrics()
         loop = self.train(start, stop_after)
         if loop.step < cfg.optim.steps:  # interrupted on purpose (stop_after)
             return {"interrupted": True, "step": loop.step, "run_dir": str(self.run.path)}
