@@ -10,23 +10,66 @@ The paper's protocol from a preset: ``finetune_segmentation("cityscapes-fcn-l2-s
 """
 
 from l2sp.segmentation.config import SegConfig, resolve_segmentation, segmentation_presets
-from l2sp.segmentation.data import CityscapesSegmentation, SBDSegmentation, cityscapes_train_id_lut
+from l2sp.segmentation.data import (
+    DATASETS,
+    CamVidSegmentation,
+    CityscapesSegmentation,
+    SBDSegmentation,
+    SegDataset,
+    build_dataset,
+    cityscapes_train_id_lut,
+    colorize,
+)
 from l2sp.segmentation.metrics import confusion_matrix, evaluate_segmentation, predict_probabilities, scores
 from l2sp.segmentation.models import (
+    BACKBONES,
+    HEADS,
+    OUTPUT_STRIDES,
     PSPHead,
     PyramidPooling,
     backbone_names,
     backbone_state_dict,
     build_segmentation_model,
+    dilate_mobilenet_v2,
     freeze_bn_statistics,
     load_backbone,
+    reattach_classifier,
 )
 from l2sp.segmentation.run import finetune_segmentation
 from l2sp.segmentation.schedule import poly_lr
 from l2sp.segmentation.transforms import RandomScale, eval_transform, train_transform
 
-__all__ = ["CityscapesSegmentation", "PSPHead", "PyramidPooling", "RandomScale", "SBDSegmentation", "SegConfig",
-           "backbone_names", "backbone_state_dict", "build_segmentation_model", "cityscapes_train_id_lut",
-           "confusion_matrix", "eval_transform", "evaluate_segmentation", "finetune_segmentation",
-           "freeze_bn_statistics", "load_backbone", "poly_lr", "predict_probabilities", "resolve_segmentation",
-           "scores", "segmentation_presets", "train_transform"]
+__all__ = [
+    "BACKBONES",
+    "CamVidSegmentation",
+    "CityscapesSegmentation",
+    "DATASETS",
+    "HEADS",
+    "OUTPUT_STRIDES",
+    "PSPHead",
+    "PyramidPooling",
+    "RandomScale",
+    "SBDSegmentation",
+    "SegConfig",
+    "SegDataset",
+    "backbone_names",
+    "backbone_state_dict",
+    "build_dataset",
+    "build_segmentation_model",
+    "cityscapes_train_id_lut",
+    "colorize",
+    "confusion_matrix",
+    "dilate_mobilenet_v2",
+    "eval_transform",
+    "evaluate_segmentation",
+    "finetune_segmentation",
+    "freeze_bn_statistics",
+    "load_backbone",
+    "poly_lr",
+    "predict_probabilities",
+    "reattach_classifier",
+    "resolve_segmentation",
+    "scores",
+    "segmentation_presets",
+    "train_transform",
+]
