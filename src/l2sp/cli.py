@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from l2sp.errors import L2SPError
@@ -331,14 +331,11 @@ def _missing(module: str) -> int:
     raise L2SPError(f"this installation has no {module}; reinstall l2sp")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``l2sp`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command)
+def guarded(command: Callable[[], int | None]) -> int:
+    """Run ``command()`` as the ``l2sp`` command does: an :class:`L2SPError` prints ``l2sp: error: <message>``
+    (one line, no traceback) and gives status 2, Ctrl-C 130, a closed output pipe 0."""
     try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        return int(command() or 0)
     except L2SPError as exc:
         print(f"l2sp: error: {exc}", file=sys.stderr)
         return 2
@@ -348,6 +345,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``l2sp`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+
+    def run() -> int | None:
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    return guarded(run)
 
 
 if __name__ == "__main__":
