@@ -249,6 +249,39 @@ def test_killed_search_restarts_with_two_workers_and_runs_each_point_once(cfg, t
     assert len(rows) == len(alphas) and all(r["state"] == "complete" for r in rows)
 
 
+def _pop_until_empty(url, worker):
+    from l2sp.search.study import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="race", storage=open_storage(url, 5))
+    while any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False)):
+        study.optimize(lambda t: t.set_user_attr("worker", worker) or 0.0, n_trials=1)
+
+
+@pytest.mark.slow
+def test_sqlite_queue_hands_each_trial_to_one_process(tmp_path):
+    """Optuna reads a queued trial's state, then marks it running: on SQLite without BEGIN IMMEDIATE two
+    processes can take the same trial (and one then fails with "Cannot tell a COMPLETE trial")."""
+    import multiprocessing
+
+    from l2sp.search.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url, 5))
+    for k in range(40):
+        study.enqueue_trial({}, user_attrs={"k": k})
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_pop_until_empty, args=(url, i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    trials = study.get_trials()
+    assert len(trials) == 40 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.user_attrs["k"] for t in trials) == list(range(40))
+
+
 # ------------------------------------------------------------------------------------------- TPE and pruning
 def test_tpe_on_a_log_range_continues_to_more_trials(cfg, tmp_path):
     out = tmp_path / "tpe"

@@ -67,13 +67,13 @@ def search(config: Any, grid: dict[str, list] | None = None, overrides: list[str
     if next_action(spec, c) == "stop":
         pass  # nothing left to run: only the report
     elif workers == 1 and devices is None:
-        ran = work(spec, task=task)
+        ran = work(spec, task=task, study=study)
     elif task is not None:
         raise L2SPError("task= works with workers=1 only (each worker process builds its own data)")
     else:  # no more processes than trials left (at least one, to redo a trial that dies elsewhere)
         left = c["waiting"] + c["running"] if spec.sampler == "grid" else (spec.n_trials or 0) - c["final"]
         run_workers(spec, max(1, min(workers, left)), devices, threads)
-    best, rows, table = write_report(st.open_study(spec), spec)
+    best, rows, table = write_report(study, spec)
     return SearchResult(best, rows, table, spec, ran)
 
 

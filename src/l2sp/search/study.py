@@ -45,7 +45,7 @@ def open_storage(url: str, heartbeat: int) -> Any:
     key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{key: retry}
         )
     except ImportError as exc:
@@ -54,6 +54,26 @@ def open_storage(url: str, heartbeat: int) -> Any:
     except Exception as exc:  # SQLAlchemy's errors: bad URL, server down, authentication
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise L2SPError(f"cannot open the search storage {_safe(url)}: {first}; check --storage") from exc
+    if url.startswith("sqlite"):
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Every SQLite transaction starts with ``BEGIN IMMEDIATE`` (the write lock, waited for up to the busy
+    timeout): Optuna reads a queued trial's state and then marks it running; without the lock, two processes
+    could both read "waiting" and run the same trial. (PostgreSQL and MySQL lock the row instead.)"""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners are dropped
 
 
 def _safe(url: str) -> str:

@@ -32,6 +32,11 @@ def last_validation(metrics: Path, step: int) -> float | None:
     return value
 
 
+def _started(run_dir: Path) -> bool:
+    """The directory holds this run already (resume it: from its checkpoint, or its results if it finished)."""
+    return (run_dir / "config.yaml").is_file()
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``RUN_DIR/.lock`` (an OS lock, released when the process dies): a trial with the same values as one
@@ -100,12 +105,13 @@ class TrialRunner:
         """``finetune`` resuming whatever the directory holds; with a pruner, ``train.eval_every`` steps at a time,
         reporting the validation accuracy after each and stopping when the pruner says so."""
         if self.spec.pruner == "none":
-            return finetune(cfg, task=self.task(), out=str(run_dir), quiet=True, resume=True)
+            return finetune(cfg, task=self.task(), out=str(run_dir), quiet=True, resume=_started(run_dir))
         import optuna
 
         every, last = cfg.train.eval_every, -1
         while True:
-            r = finetune(cfg, task=self.task(), out=str(run_dir), quiet=True, resume=True, stop_after=every)
+            r = finetune(cfg, task=self.task(), out=str(run_dir), quiet=True, resume=_started(run_dir),
+                         stop_after=every)
             if not r.get("interrupted"):
                 return r
             step = int(r["step"])

@@ -27,12 +27,12 @@ def next_action(spec: SearchSpec, c: dict) -> str:
     return "wait" if c.get("running", 0) else "stop"
 
 
-def work(spec: SearchSpec, worker: int = 0, task: Any = None, parent: int | None = None) -> int:
+def work(spec: SearchSpec, worker: int = 0, task: Any = None, parent: int | None = None, study: Any = None) -> int:
     """Run trials until the study is done; returns how many this worker ran. ``parent``: stop between trials
-    once that process is gone."""
+    once that process is gone; ``study``: the study already opened by this process."""
     import optuna
 
-    study = st.open_study(spec, worker)
+    study = study if study is not None else st.open_study(spec, worker)
     runner = TrialRunner(spec, task)
     ran = 0
     while parent is None or os.getppid() == parent:
