@@ -108,6 +108,7 @@ def test_space_points_labels_and_suggestions():
         (["--range", "reg.alpha=1e-4:1", "log"], ["--sampler tpe"]),
         (["--sampler", "tpe", "--range", "reg.alpha=1e-4:1", "log"], ["--trials N"]),
         (["--grid", "reg.alpha=0.1", "--pruner", "median"], ["train.eval_every"]),
+        (["--grid", "reg.alpha=0.1,1", "--trials", "3"], ["--sampler tpe", "2 points"]),
         (["--grid", "reg.alpha=0.1", "--storage", "nosuchdb://x"], ["cannot open the search storage"]),
     ],
 )
@@ -336,6 +337,16 @@ def test_median_pruner_stops_a_poor_trial_and_keeps_the_runs_exact(cfg, tmp_path
     assert [good.intermediate_values[s] for s in (4, 8)] == [r["val_top1"] for r in curve if "val_top1" in r][:2]
     rows = list(csv.DictReader((out / "search.csv").open()))
     assert [r["state"] for r in rows][-1] == "pruned at step 4" and rows[-1]["val_acc"] == ""
+
+
+def test_wilcoxon_pruner_stops_a_trial_below_the_best(cfg, tmp_path):
+    out = tmp_path / "wilcoxon"
+    assert run_cli([str(cfg), "train.eval_every=2", "--grid", "optim.lr=0.05,0.000001", "--pruner", "wilcoxon",
+                    "--out", str(out), "-q"]) == 0
+    good, bad = load(out).get_trials()
+    assert good.state.name == "COMPLETE" and sorted(good.intermediate_values) == [2, 4, 6, 8, 10]
+    assert bad.state.name == "PRUNED" and bad.user_attrs["pruned_at"] < 12
+    assert all(bad.intermediate_values[s] < good.intermediate_values[s] for s in bad.intermediate_values)
 
 
 # ------------------------------------------------------------------------------------------- PostgreSQL

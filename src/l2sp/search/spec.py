@@ -49,6 +49,9 @@ class SearchSpec:
             raise L2SPError(f"unknown pruner {self.pruner!r}; use one of {', '.join(PRUNERS)}")
         if self.sampler == "grid":
             self.space.points()  # refuses ranges
+            if self.n_trials is not None:
+                raise L2SPError(f"--trials {self.n_trials} is for --sampler tpe; a grid runs each of its "
+                                f"{self.space.size()} points once")
         elif self.n_trials is None:
             self.n_trials = self.space.size()
             if self.n_trials is None:
