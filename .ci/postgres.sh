@@ -5,7 +5,7 @@
 set -uo pipefail
 command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ] || exit 1
 if ! command -v pg_lsclusters >/dev/null || [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } >/dev/null 2>&1 || exit 1
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } >/dev/null 2>&1 || exit 1
 fi
 read -r ver name port _ < <(pg_lsclusters -h | head -1) || exit 1
 pg_ctlcluster "$ver" "$name" start >/dev/null 2>&1 || true  # "already running" is fine

@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="trials run at once on this machine (processes)")
     parser.add_argument("--devices", help="GPUs given round-robin to the workers, e.g. 0,1 "
                                           "(default: CUDA_VISIBLE_DEVICES, else every visible GPU)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each worker process when --workers > 1 or --devices (default 1)")
     parser.add_argument("--light", action="store_true",
                         help="no checkpoints: a trial interrupted by a kill restarts from step 0")
     parser.add_argument("--heartbeat", type=int, default=20, metavar="S",
