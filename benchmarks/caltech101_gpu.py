@@ -39,6 +39,7 @@ import l2sp
 from l2sp.data.device import DeviceImages, PaperAugment
 from l2sp.data.pack import PACK_FILE, decode_group, images_task, pack_group, read_pack, write_pack
 from l2sp.errors import L2SPError
+from l2sp.penalties import get_penalty
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS_FILE = "mobilenet_v2_imagenet.safetensors"
@@ -179,7 +180,7 @@ def resolve_run(kind: str, seed: int, args: argparse.Namespace, pack: Path, fish
             "train.compile": bool(getattr(args, "compile", False)), "data.val_per_class": args.val_per_class,
             "train.device": getattr(args, "device", "cuda"), "train.tensorboard": False,
             "train.save_checkpoint": False, "data.on_device": True, "name": f"{kind}-seed{seed}", **kind_overrides}
-    if fisher is not None and preset.endswith("fisher"):
+    if fisher is not None and get_penalty(resolve(preset, kind_overrides).reg.kind).needs_fisher:
         over["reg.fisher"] = str(fisher)
     over.update(parse_overrides(args.set))
     over.update(extra or {})

@@ -33,6 +33,7 @@ import torch
 import l2sp
 from l2sp import L2SPError
 from l2sp.data.device import DeviceImages
+from l2sp.penalties import get_penalty
 
 PRESET = "caltech101-mobilenetv2-cpu"
 
@@ -101,7 +102,7 @@ def run_overrides(spec: str, seed: int, args: argparse.Namespace, weights: Path,
                  "optim.lr": lr, "optim.batch_size": args.batch, "data.image_size": args.image_size,
                  "data.resize": args.resize, "data.val_per_class": args.holdout,
                  "name": f"{run_name(spec)}-seed{seed}"})
-    if ref.reg.kind.endswith("fisher"):
+    if get_penalty(ref.reg.kind).needs_fisher:
         over["reg.fisher"] = str(fisher)
     over.update(parse_overrides(args.set))
     over.update(run_extra)
