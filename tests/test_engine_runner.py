@@ -22,6 +22,7 @@ from l2sp.engine.schedule import Schedule, make_scheduler
 from l2sp.engine.synthetic import TensorImages, synthetic_task
 from l2sp.engine.trainer import train_loader
 from l2sp.errors import L2SPError
+from l2sp.io import load_tensors, save_tensors
 
 STEPS = 8
 
@@ -277,3 +278,34 @@ def test_report_labels_come_from_the_penalty_registry():
         assert label(kind) == get_penalty(kind).label
     assert label("l2-sp+freeze") == "L2-SP + freezing" and label("other") == "other"
     assert ORDER[: len(penalty_names())] == list(penalty_names())
+
+
+def test_on_device_data_trains_exactly_like_the_host_pipeline(tmp_path):
+    """data.on_device=true (images decoded once, uint8 on the run's device, augmented there: CPU here) ends with
+    the very weights of the host pipeline: same batches, same random draws."""
+    import numpy as np
+
+    from l2sp.engine.classification import setup
+    from l2sp.models import create
+    from test_data_fashion import write_idx  # the data tests' IDX writer
+
+    rng = np.random.default_rng(0)
+    for part, per in (("train", 30), ("t10k", 6)):
+        labels = np.repeat(np.arange(10), per)
+        rng.shuffle(labels)
+        write_idx(tmp_path / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28)))
+        write_idx(tmp_path / f"{part}-labels-idx1-ubyte.gz", labels)
+    torch.manual_seed(0)
+    save_path = tmp_path / "source.safetensors"
+    save_tensors(save_path, create("small_resnet", 5, 1, options={"widths": [4, 4, 8]}).state_dict())
+    base = {"model": {"arch": "small_resnet", "weights": str(save_path), "options": {"widths": [4, 4, 8]}},
+            "data": {"task": "fashion-mnist-target", "root": str(tmp_path), "n_per_class": 10, "val_per_class": 4},
+            "optim": {"lr": 0.05, "batch_size": 16, "steps": 6, "milestones": [4]},
+            "train": {"log_every": 3, "ckpt_every": 0, "quiet": True, "tensorboard": False, "device": "cpu"}}
+    weights = {}
+    for on in (False, True):
+        c = resolve(base, [f"data.on_device={str(on).lower()}"])
+        assert bool(getattr(setup(c).task.train, "on_device", False)) is on
+        finetune(c, out=str(tmp_path / f"run-{on}"))
+        weights[on] = load_tensors(tmp_path / f"run-{on}" / "model.safetensors")[0]
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
