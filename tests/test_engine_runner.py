@@ -309,3 +309,20 @@ def test_on_device_data_trains_exactly_like_the_host_pipeline(tmp_path):
         finetune(c, out=str(tmp_path / f"run-{on}"))
         weights[on] = load_tensors(tmp_path / f"run-{on}" / "model.safetensors")[0]
     assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+
+
+def test_own_model_runs_resume_exactly_and_say_what_they_trained(tmp_path, data):
+    from l2sp.engine.run import load_run
+
+    full, _ = engine_weights(tmp_path / "full", cfg(**{"train.save_checkpoint": True}), data, smooth_ce)
+    part = tmp_path / "part"
+    c = cfg(**{"train.save_checkpoint": True})
+    w0, net = source_and_model()
+    assert finetune(c, task=data, model=net, loss=smooth_ce, source=w0, out=str(part), stop_after=3)["interrupted"]
+    w0, net = source_and_model()  # a new process would build the network again
+    finetune(c, task=data, model=net, loss=smooth_ce, source=w0, out=str(part), resume=True)
+    assert all(torch.equal(full[k], v) for k, v in net.state_dict().items())
+    saved = resolve(str(part / "config.yaml"))
+    assert saved.model.arch == "module:Sequential" and saved.model.weights is None
+    with pytest.raises(L2SPError, match="trained your own network"):
+        _ = load_run(part, task=data).model

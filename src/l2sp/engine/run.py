@@ -25,6 +25,9 @@ __all__ = ["RunArtifacts", "Setup", "build_optimizer", "build_task", "finetune",
            "seed_everything", "setup"]
 
 
+USER_MODEL = "module:"  # model.arch of a run given model= (the class name follows)
+
+
 def finetune(
     config: Any = None,
     overrides: list[str] | dict | None = None,
@@ -52,6 +55,8 @@ def finetune(
     call, with a checkpoint (as if killed). Returns the results dict (also ``results.json``).
     """
     cfg = configure(config, overrides, quiet=quiet, out=out)
+    if model is not None:  # the saved config says the network was the caller's, not model.*
+        cfg.model.arch, cfg.model.weights = f"{USER_MODEL}{type(model).__qualname__}", None
     run = RunDirectory(cfg.run_dir(), resolve)
     finished = run.claim(cfg, resume=resume, overwrite=overwrite)
     if finished is not None:
@@ -89,6 +94,9 @@ class RunArtifacts:
     def _built(self) -> Any:
         from l2sp.models import from_config
 
+        if self.config.model.arch.startswith(USER_MODEL):
+            raise L2SPError(f"{self.run_dir} trained your own network ({self.config.model.arch}); build it and "
+                            "load model.safetensors into it (l2sp.io.load_tensors)")
         torch.manual_seed(self.config.train.seed)
         return from_config(self.config.model, self.task.num_classes, getattr(self.task, "in_channels", 3))
 
