@@ -121,8 +121,8 @@ def check_paths(args: argparse.Namespace) -> None:
     if not (tiny / "val").is_dir():
         raise L2SPError(f"--tiny {tiny} has no val/ folder; give the Tiny ImageNet folder (val/<wnid>/*.JPEG)")
     read_index(tiny / "imagenet_index.json")
-    if args.fisher is not None and not Path(args.fisher).is_file():
-        raise L2SPError(f"--fisher {args.fisher} does not exist; estimate it first with `l2sp fisher` "
+    if args.fisher is not None and not Path(args.fisher).is_file() and args.fisher_examples is None:
+        raise L2SPError(f"--fisher {args.fisher} does not exist; add --fisher-examples 400 to estimate it "
                         "(docs/camvid.md)")
 
 
@@ -153,8 +153,9 @@ def row_path(out: Path, run: Run) -> Path:
     return out / "rows" / run.phase / f"{run.name}.json"
 
 
-def source_images(tiny: str, per_class: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The first ``per_class`` Tiny ImageNet validation images of each class (sorted names), resized to size²
+def source_images(tiny: str, per_class: int, size: int, split: str = "val"
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The first ``per_class`` Tiny ImageNet images of each class in ``split`` (sorted names), resized to size²
     (bilinear), uint8; their ImageNet-1k labels; the 200 indices present."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
@@ -164,13 +165,13 @@ def source_images(tiny: str, per_class: int, size: int) -> tuple[torch.Tensor, t
     index = read_index(Path(tiny) / "imagenet_index.json")
     images, labels = [], []
     for wnid in sorted(index):
-        for path in sorted((Path(tiny) / "val" / wnid).glob("*.JPEG"))[:per_class]:
+        for path in sorted((Path(tiny) / split / wnid).glob("*.JPEG"))[:per_class]:
             with Image.open(path) as im:
                 x = TF.pil_to_tensor(im.convert("RGB"))
             images.append(TF.resize(x, [size, size], antialias=True))
             labels.append(index[wnid])
     if not images:
-        raise L2SPError(f"--tiny {tiny}: no val/<wnid>/*.JPEG image found")
+        raise L2SPError(f"--tiny {tiny}: no {split}/<wnid>/*.JPEG image found")
     return torch.stack(images), torch.tensor(labels), sorted(set(labels))
 
 
@@ -200,17 +201,51 @@ def load_finetuned(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def source_drop(path: Path, args: dict) -> dict:
-    """``segmentation_source_drop`` of a finished run on the Tiny ImageNet validation images."""
+def source_network(weights: str) -> torch.nn.Module:
+    """The ImageNet classifier (torchvision's mobilenet_v2 with the local weights), eval mode."""
     import torchvision
 
-    from l2sp.analysis.source_drop import segmentation_source_drop
     from l2sp.io import load_state_dict
 
     source = torchvision.models.mobilenet_v2()
-    source.load_state_dict(load_state_dict(args["weights"]))
+    source.load_state_dict(load_state_dict(weights))
+    return source.eval()
+
+
+def estimate_fisher(args: argparse.Namespace) -> None:
+    """``--fisher FILE`` absent and ``--fisher-examples N``: the source network's diagonal Fisher
+    (``l2sp.fisher.estimate``, exact over the 8 most informative classes per example + 2 drawn) on the first N
+    Tiny ImageNet training images (spread over the classes) at ``--source-size``², draws seeded, saved to FILE."""
+    import l2sp
+    from l2sp.data.imagenet_subset import read_index
+
+    n, classes = args.fisher_examples, len(read_index(Path(args.tiny) / "imagenet_index.json"))
+    images, labels, _ = source_images(args.tiny, -(-n // classes), args.source_size, split="train")
+    if len(labels) < n:
+        raise L2SPError(f"--fisher-examples {n}: only {len(labels)} Tiny ImageNet training images; give fewer")
+    rank, seen = [], {}
+    for y in labels.tolist():  # the i-th image of every class before the (i+1)-th of any
+        rank.append(seen.get(y, 0))
+        seen[y] = rank[-1] + 1
+    order = torch.tensor(sorted(range(len(labels)), key=lambda i: (rank[i], i))[:n])
+    data = SourceBatches(images[order], labels[order], 50)
+    t0 = time.time()
+    fisher = l2sp.fisher.estimate(source_network(args.weights), (x for x, _ in data), method="exact",
+                                  max_examples=n, classes=8, tail_samples=2, progress=False,
+                                  generator=torch.Generator().manual_seed(0))
+    Path(args.fisher).parent.mkdir(parents=True, exist_ok=True)
+    l2sp.fisher.save(args.fisher, fisher, source="tiny-imagenet train", size=args.source_size)
+    print(f"Fisher of the ImageNet classifier on {n} Tiny ImageNet training images at {args.source_size}² in "
+          f"{time.time() - t0:.0f} s: {args.fisher}", flush=True)
+
+
+def source_drop(path: Path, args: dict) -> dict:
+    """``segmentation_source_drop`` of a finished run on the Tiny ImageNet validation images."""
+    from l2sp.analysis.source_drop import segmentation_source_drop
+
+    source = source_network(args["weights"])
     images, labels, present = source_images(args["tiny"], args["source_per_class"], args["source_size"])
-    r = segmentation_source_drop(load_finetuned(path), source.eval(), SourceBatches(images, labels),
+    r = segmentation_source_drop(load_finetuned(path), source, SourceBatches(images, labels),
                                  indices=present)
     return {**r, "source_images": len(labels)}
 
@@ -277,7 +312,8 @@ def execute(runs: list[Run], args: dict, workers: int) -> list[dict]:
 
 
 def report(row: dict) -> str:
-    wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") else "finished before"
+    w = row.get("wall_s")
+    wall = "finished before" if not w else (f"{w / 60:.1f} min" if w >= 60 else f"{w:.0f} s")
     src = ""
     if "source" in row:
         s = row["source"]
@@ -548,6 +584,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tiny", default=str(SHARED / "data" / "tiny-imagenet"))
     ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet.safetensors"))
     ap.add_argument("--fisher", default=None, help="the ImageNet classifier's Fisher (.safetensors): adds L2-SP-Fisher")
+    ap.add_argument("--fisher-examples", type=int, default=None,
+                    help="estimate --fisher on this many Tiny ImageNet training images when the file is absent")
     ap.add_argument("--out", default="runs/camvid-cpu")
     ap.add_argument("--model", choices=sorted(PRESETS), default="deeplabv3")
     ap.add_argument("--scale", type=float, default=0.5, help="image scale for training and prediction")
@@ -560,7 +598,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--select-seeds", default="0")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--source-per-class", type=int, default=10, help="Tiny ImageNet val images per class")
-    ap.add_argument("--source-size", type=int, default=112, help="their side after resizing")
+    ap.add_argument("--source-size", type=int, default=160, help="their side after resizing")
     ap.add_argument("--figure-images", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1, help="runs at once (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -572,8 +610,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    for name in ("batch", "steps", "workers", "threads", "source_per_class", "source_size", "ckpt_every"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "steps", "workers", "threads", "source_per_class", "source_size", "ckpt_every",
+                 "fisher_examples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise L2SPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.scale <= 2:
         raise L2SPError(f"--scale {args.scale} must lie in (0, 2], e.g. 0.5 for half resolution")
@@ -594,6 +633,8 @@ def main(argv: list[str] | None = None) -> str:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.fisher is not None and not Path(args.fisher).is_file():
+        estimate_fisher(args)
     jargs, t0 = job_args(args), time.time()
     select = execute(grid(args), jargs, args.workers)
     chosen = choose(select)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from l2sp.analysis.paired import paired
 from l2sp.errors import L2SPError
@@ -59,8 +60,9 @@ def data(tmp_path_factory) -> dict:
     index = json.loads((tiny / "imagenet_index.json").read_text())
     keep = {w: index[w] for w in sorted(index)[:2]}
     for w in keep:
-        for image in sorted((tiny / "val" / w).glob("*.JPEG"))[:2]:
-            _link(image, root / "tiny" / "val" / w / image.name)
+        for split in ("train", "val"):
+            for image in sorted((tiny / split / w).glob("*.JPEG"))[:2]:
+                _link(image, root / "tiny" / split / w / image.name)
     (root / "tiny" / "imagenet_index.json").write_text(json.dumps(keep))
     return {"camvid": root / "camvid", "tiny": root / "tiny", "weights": weights, "root": root}
 
@@ -153,3 +155,27 @@ def test_selection_and_margin(bench):
     assert [(r.kind, r.alpha, r.lr, r.seed) for r in runs] == [
         ("l2", 1e-4, 0.01, 0), ("l2", 1e-4, 0.01, 1), ("l2-sp", 0.01, 0.01, 0), ("l2-sp", 0.01, 0.01, 1),
         ("l2-sp-fisher", 0.01, 0.01, 0), ("l2-sp-fisher", 0.01, 0.01, 1)]
+
+
+@pytest.mark.slow
+def test_fisher_estimated_then_l2_sp_fisher_runs(bench, data):
+    import l2sp
+
+    out, fisher = data["root"] / "out-fisher", data["root"] / "fisher.safetensors"
+    bench.main(_argv(data, out, "--lrs", "0.01", "--fisher", str(fisher), "--fisher-examples", "3"))
+    f = l2sp.fisher.load(fisher)
+    # the same estimate computed directly: images 0 of both classes, then image 1 of the first
+    images, labels, _ = bench.source_images(str(data["tiny"]), 2, 32, split="train")
+    x = images[[0, 2, 1]].float() / 127.5 - 1.0
+    ref = l2sp.fisher.estimate(bench.source_network(str(data["weights"])), [x], method="exact", classes=8,
+                               tail_samples=2, max_examples=3, progress=False,
+                               generator=torch.Generator().manual_seed(0))
+    assert set(f) == set(ref) and all(k.startswith(("features.", "classifier.")) for k in f)
+    for k in ("features.0.0.weight", "classifier.1.weight"):
+        torch.testing.assert_close(f[k], ref[k], rtol=1e-4, atol=1e-12)
+    rows = [json.loads(p.read_text()) for p in (out / "rows" / "final").glob("l2-sp-fisher_*.json")]
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    cfg = (Path(rows[0]["run_dir"]) / "config.yaml").read_text()
+    assert "kind: l2-sp-fisher" in cfg and str(fisher) in cfg
+    text = (out / "camvid_table.md").read_text()
+    assert "L2-SP-Fisher (α 0.01, lr 0.01) − L2" in text
