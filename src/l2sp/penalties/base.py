@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +23,13 @@ _REGISTRY: dict[str, type[Penalty]] = {}
 
 
 def check_coefficient(name: str, value: Any) -> float:
-    """``float(value)`` if it is a finite number >= 0, else a one-line :class:`L2SPError` naming ``name``."""
+    """``float(value)`` if it is a finite number >= 0, else a one-line :class:`L2SPError` naming ``name``.
+
+    A bool or a string is refused rather than converted (``alpha=True`` or ``alpha="0.1"`` is a mistake)."""
+    is_scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
+        hint = f"; write {name}={value.strip()}" if isinstance(value, str) else ""
+        raise L2SPError(f"{name} must be a number, got {value!r} ({type(value).__name__}){hint}")
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -94,6 +96,8 @@ class Regularizer(nn.Module):
             raise L2SPError(f"kind {kind!r} needs the pre-trained weights: pass source=l2sp.snapshot(model) "
                             "taken before replacing the head, or a checkpoint path")
         part = partition(model, None if source is None else load_source(source), include)
+        self._model = weakref.ref(model)
+        self._model_checked = False
         self.shared = [n for n, _, _ in part.shared]
         self.novel = [n for n, _ in part.novel]
         self.free = [n for n, _ in part.free]
@@ -223,6 +227,7 @@ class Regularizer(nn.Module):
     # ------------------------------------------------------------------ public API
     def forward(self) -> Tensor:
         """Ω(w) as a differentiable scalar (float32, or float64 for float64 parameters); smoothed L1/GL."""
+        self.check_model()
         self.follow_model()
         return self._value(self._block, exact=not self.penalty.smoothed)
 
@@ -237,6 +242,7 @@ class Regularizer(nn.Module):
         """``p.grad += scale · ∂Ω/∂p`` for every penalized parameter (missing gradients are allocated as zeros).
 
         ``scale`` is for gradients that carry a factor (a loss scale, 1/accumulation steps)."""
+        self.check_model()
         self.follow_model()
         b = self._block
         self._add_scaled_grad(b, _grads(b.shared), _grads(b.novel), float(scale))
@@ -263,7 +269,30 @@ class Regularizer(nn.Module):
         Works with ``optimizer.step()``, ``optimizer.step(closure)`` (LBFGS too) and ``GradScaler.step``
         (skipped steps skip the penalty). Attaching one regularizer twice to one optimizer is an error.
         """
+        self._model_checked = False
+        self.check_model()
         return attach(self, optimizer, mode)
+
+    def check_model(self) -> None:
+        """Once (at ``attach`` and at the first use): a one-line warning when the model's trainable parameters
+        are no longer those partitioned at build time, e.g. a head replaced after the regularizer was built
+        (the old head would stay in S̄ and the new one would go unpenalized)."""
+        model = None if self._model_checked else self._model()
+        self._model_checked = True
+        if model is None:
+            return
+        known = {id(p) for p in self._shared_params + self._novel_params + self._free_params}
+        named = list(model.named_parameters())
+        new = [strip_prefix(n) for n, p in named if p.requires_grad and id(p) not in known]
+        present = {id(p) for _, p in named}
+        gone = [n for n, p in zip(self.shared + self.novel, self.penalized_parameters()) if id(p) not in present]
+        if new or gone:
+            what = "; ".join(part for part in (
+                f"not governed: {', '.join(new[:3])}{' ...' if len(new) > 3 else ''}" if new else "",
+                f"no longer in the model: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}" if gone else "",
+            ) if part)
+            warnings.warn(f"the model's parameters changed after l2sp.regularizer(...) was built ({what}); build "
+                          "the regularizer after replacing the head (and after unfreezing)", stacklevel=3)
 
     # ------------------------------------------------------------------ driven by l2sp.optim
     def follow_model(self) -> None:
