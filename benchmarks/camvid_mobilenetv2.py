@@ -13,9 +13,10 @@ phases, every run a run directory of :func:`l2sp.segmentation.finetune_segmentat
    ImageNet classifier's Fisher, ``l2sp fisher``), L2-SP-Fisher too, at L2-SP's chosen α and rate.
 
 CPU reduction (the defaults; docs/camvid.md has the measurement): images at half resolution (``--scale 0.5``:
-180×240, whole images with random flips), DeepLabV3 at output stride 16, batch 8, ``--steps`` SGD steps with
-the poly rate, BN statistics frozen; predictions made at the same half resolution and scored against the
-full-resolution 360×480 masks. Outputs in ``--out``: ``runs/{select,final}/NAME`` (the run directories),
+180×240, whole images with random flips), the FCN head on MobileNetV2 at output stride 16 (``--model
+deeplabv3``: DeepLabV3), batch 8, 1,500 SGD steps (≈ 33 epochs of the 367 training images) at the preset's
+schedule (FCN: constant rate), BN statistics frozen; predictions made at the same half resolution and scored
+against the full-resolution 360×480 masks. Outputs in ``--out``: ``runs/{select,final}/NAME`` (the run directories),
 ``rows/…json`` (one per finished run: results, source drop, wall-clock time), ``camvid_table.md``,
 ``camvid_table.csv``, ``camvid_runs.csv`` and ``camvid_predictions.png``.
 
@@ -255,23 +256,34 @@ def run_job(job: tuple[Run, dict]) -> dict:
     writes and returns its row."""
     run, args = job
     torch.set_num_threads(args["threads"])
-    from l2sp.io import atomic_write_json
+    from l2sp.engine.trainer import Diverged
     from l2sp.segmentation import finetune_segmentation
 
     out, rdir = Path(args["out"]), run_dir(Path(args["out"]), run)
     done = (rdir / "results.json").is_file()
     t0 = time.time()
-    res = finetune_segmentation(preset(run, args), overrides(run, args), out=str(rdir), quiet=True,
-                                resume=done or args["resume"])
-    wall = time.time() - t0
-    row = {**asdict(run), "name": run.name, "split": run.split, "run_dir": str(rdir),
-           "wall_s": None if done else wall, "train_time_s": res.get("train_time_s"),
-           "miou": res["val_miou"], "pixel_acc": res["val_pixel_acc"], "classes": res["val"]["classes"],
-           "per_class_iou": res["val"]["per_class_iou"], "steps": args["steps"], "settings": settings(args)}
+    row = {**asdict(run), "name": run.name, "split": run.split, "run_dir": str(rdir), "steps": args["steps"],
+           "settings": settings(args)}
+    try:
+        res = finetune_segmentation(preset(run, args), overrides(run, args), out=str(rdir), quiet=True,
+                                    resume=done or args["resume"])
+    except Diverged as exc:  # a selection point that diverges is a result (too high a rate), not a failure
+        if run.phase != "select":
+            raise
+        return write_row(out, run, {**row, "diverged": str(exc), "miou": None, "wall_s": time.time() - t0})
+    row.update({"wall_s": None if done else time.time() - t0, "train_time_s": res.get("train_time_s"),
+                "miou": res["val_miou"], "pixel_acc": res["val_pixel_acc"], "classes": res["val"]["classes"],
+                "per_class_iou": res["val"]["per_class_iou"]})
     if run.phase == "final":
         t1 = time.time()
         row["source"] = source_drop(rdir, args)
         row["source_s"] = time.time() - t1
+    return write_row(out, run, row)
+
+
+def write_row(out: Path, run: Run, row: dict) -> dict:
+    from l2sp.io import atomic_write_json
+
     path = row_path(out, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, row)
@@ -289,8 +301,9 @@ def execute(runs: list[Run], args: dict, workers: int) -> list[dict]:
     rows, todo = [], []
     for run in runs:
         path = row_path(out, run)
-        if path.is_file() and (run_dir(out, run) / "results.json").is_file():
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
+        row = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if row is not None and ("diverged" in row or (run_dir(out, run) / "results.json").is_file()):
+            rows.append(row)
         else:
             todo.append(run)
     if todo:
@@ -314,6 +327,8 @@ def execute(runs: list[Run], args: dict, workers: int) -> list[dict]:
 def report(row: dict) -> str:
     w = row.get("wall_s")
     wall = "finished before" if not w else (f"{w / 60:.1f} min" if w >= 60 else f"{w:.0f} s")
+    if "diverged" in row:
+        return f"{row['phase']}/{row['name']}: diverged ({row['diverged']})"
     src = ""
     if "source" in row:
         s = row["source"]
@@ -336,6 +351,8 @@ def choose(rows: list[dict]) -> dict[str, dict]:
     """Per penalty, the (α, lr) of best mean val mIoU over the selection seeds, with the runner-up and margin."""
     points: dict[tuple, list[float]] = {}
     for r in rows:
+        if r["miou"] is None:  # diverged
+            continue
         points.setdefault((r["kind"], r["alpha"], r["lr"]), []).append(100 * r["miou"])
     chosen = {}
     for kind in sorted({k for k, _, _ in points}, key=list(LABELS).index):
@@ -351,6 +368,9 @@ def choose(rows: list[dict]) -> dict[str, dict]:
 
 def final_runs(chosen: dict[str, dict], seeds: list[int], fisher: bool) -> list[Run]:
     kinds = ["l2", "l2-sp"] + (["l2-sp-fisher"] if fisher else [])
+    for k in ("l2", "l2-sp"):
+        if k not in chosen:
+            raise L2SPError(f"every selection run of {LABELS[k]} diverged; give lower --lrs or alphas")
     pick = {k: chosen["l2-sp" if k == "l2-sp-fisher" else k] for k in kinds}
     return [Run("final", k, pick[k]["alpha"], pick[k]["lr"], s) for k in kinds for s in seeds]
 
@@ -403,8 +423,10 @@ def selection_table(rows: list[dict], chosen: dict[str, dict]) -> str:
     for (kind, a, lr), rs in points.items():
         c = chosen.get(kind, {})
         bold = "**" if (c.get("alpha"), c.get("lr")) == (a, lr) else ""
-        lines.append(f"| {LABELS[kind]} | {a:g} | {lr:g} | {len(rs)} | {bold}{pm([100 * r['miou'] for r in rs])}"
-                     f"{bold} | {minutes(rs)} |")
+        ok = [100 * r["miou"] for r in rs if r["miou"] is not None]
+        score = f"{bold}{pm(ok)}{bold}" + (f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else "") \
+            if ok else "diverged"
+        lines.append(f"| {LABELS[kind]} | {a:g} | {lr:g} | {len(rs)} | {score} | {minutes(rs)} |")
     for kind, c in chosen.items():
         margin = "no runner-up" if c["margin"] is None else (
             f"{c['margin']:+.2f} pts over α {c['runner_up']['alpha']:g}, lr {c['runner_up']['lr']:g}")
@@ -499,7 +521,7 @@ def csv_tables(select: list[dict], final: list[dict]) -> tuple[list[dict], list[
               for p in paired_rows(methods)]
     runs = [{k: r.get(k) for k in ("phase", "kind", "alpha", "lr", "seed", "split", "miou", "pixel_acc",
                                    "wall_s", "train_time_s")}
-            | {f"iou_{c}": v for c, v in zip(r["classes"], r["per_class_iou"], strict=True)}
+            | {f"iou_{c}": v for c, v in zip(r.get("classes", []), r.get("per_class_iou", []), strict=True)}
             | ({"drop1000": r["source"]["drop"], "drop200": r["source"]["drop_restricted"]} if "source" in r else {})
             for r in select + final]
     return table, runs
@@ -587,11 +609,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fisher-examples", type=int, default=None,
                     help="estimate --fisher on this many Tiny ImageNet training images when the file is absent")
     ap.add_argument("--out", default="runs/camvid-cpu")
-    ap.add_argument("--model", choices=sorted(PRESETS), default="deeplabv3")
+    ap.add_argument("--model", choices=sorted(PRESETS), default="fcn", help="segmentation head (preset family)")
     ap.add_argument("--scale", type=float, default=0.5, help="image scale for training and prediction")
     ap.add_argument("--crop", default=None, help="HxW training crop (default: the whole scaled image)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--alphas-l2", default="1e-4,1e-3")
     ap.add_argument("--alphas-l2sp", default="1e-3,1e-2,1e-1")
     ap.add_argument("--lrs", default="0.01,0.003")

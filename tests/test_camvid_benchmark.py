@@ -179,3 +179,15 @@ def test_fisher_estimated_then_l2_sp_fisher_runs(bench, data):
     assert "kind: l2-sp-fisher" in cfg and str(fisher) in cfg
     text = (out / "camvid_table.md").read_text()
     assert "L2-SP-Fisher (α 0.01, lr 0.01) − L2" in text
+
+
+@pytest.mark.slow
+def test_a_diverging_selection_point_is_recorded_not_fatal(bench, data):
+    out = data["root"] / "out-diverge"
+    bench.main(_argv(data, out, "--lrs", "1e6,0.01", "--steps", "3"))
+    rows = [json.loads(p.read_text()) for p in (out / "rows" / "select").glob("*.json")]
+    bad = [r for r in rows if r["lr"] == 1e6]
+    assert len(bad) == 2 and all(r["miou"] is None and "step" in r["diverged"] for r in bad)
+    finals = [json.loads(p.read_text()) for p in (out / "rows" / "final").glob("*.json")]
+    assert {r["lr"] for r in finals} == {0.01} and len(finals) == 4
+    assert "| L2 | 0.0001 | 1e+06 | 1 | diverged |" in (out / "camvid_table.md").read_text()
