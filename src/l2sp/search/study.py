@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from l2sp.search.spec import SearchSpec
 CONFIG_ATTR = "l2sp:config"
 SPACE_ATTR = "l2sp:space"
 POINT_ATTR = "l2sp:point"  # a grid trial's values (user attribute): any YAML value, and the grid may grow later
+STARTED_ATTR = "l2sp:started"  # host:pid, set when a trial's objective starts (its heartbeats run by then)
 
 
 def _optuna() -> Any:
@@ -39,14 +41,12 @@ def open_storage(url: str, heartbeat: int) -> Any:
     """An RDB storage for ``url`` (any SQLAlchemy URL Optuna takes) with heartbeats every ``heartbeat`` s; a
     running trial without a heartbeat for 3 intervals is failed and queued again with its parameters."""
     optuna = _optuna()
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    retry = (retry_cls or optuna.storages.RetryFailedTrialCallback)(max_retry=None)
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{key: retry}
+            url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{key: requeue}
         )
     except ImportError as exc:
         raise L2SPError(f"the storage {url.split(':', 1)[0]} needs its database driver: {exc}; "
@@ -175,23 +175,49 @@ def enqueue_grid(study: Any, spec: SearchSpec) -> int:
     return queued
 
 
-def requeue_interrupted(study: Any) -> int:
-    """Queue again, with the same values, every trial that failed without an error of its own (Ctrl-C, a crash)
-    and was not retried yet (TPE; a grid queues its missing points instead); returns how many."""
+def requeue(study: Any, trial: Any) -> None:
+    """Queue a failed trial again with its values (its grid point, or its sampled parameters) and its run
+    directory; ``system_attrs`` keep ``failed_trial`` (the first try) and ``retry_history``. Also Optuna's
+    callback for trials failed for lack of heartbeats."""
     optuna = _optuna()
+    if not trial.params and POINT_ATTR not in trial.user_attrs:
+        return  # nothing chosen yet: a new trial takes its place
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    attrs = {k: v for k, v in trial.user_attrs.items() if k != STARTED_ATTR}
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=attrs, system_attrs={"failed_trial": history[0], "retry_history": history},
+    ))
+
+
+def requeue_interrupted(study: Any) -> int:
+    """Queue again every trial with values that failed without an error of its own (Ctrl-C, a crash) and was
+    not retried yet (TPE; a grid queues its missing points instead); returns how many."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    queued = 0
-    for t in trials:
-        if t.state.name != "FAIL" or "error" in t.user_attrs or not t.params or t.number in retried:
+    todo = [t for t in trials if t.state.name == "FAIL" and "error" not in t.user_attrs and t.params
+            and t.number not in retried]
+    for t in todo:
+        requeue(study, t)
+    return len(todo)
+
+
+def fail_orphans(study: Any, grace: float) -> int:
+    """Optuna fails a running trial once its heartbeats stop, but a trial whose process died after taking it
+    and before its first heartbeat has none and would stay "running" forever. A running trial whose objective
+    never started (no ``l2sp:started``) for ``grace`` seconds is failed and queued again here."""
+    optuna = _optuna()
+    now, failed = datetime.now(), 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if STARTED_ATTR in t.user_attrs or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
             continue
-        history = [*t.system_attrs.get("retry_history", []), t.number]
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
-            user_attrs=dict(t.user_attrs), system_attrs={"failed_trial": history[0], "retry_history": history},
-        ))
-        queued += 1
-    return queued
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=False)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # finished meanwhile, or failed by another worker (which queues it again)
+        requeue(study, t)
+        failed += 1
+    return failed
 
 
 def _same(a: dict, b: dict) -> bool:

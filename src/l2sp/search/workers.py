@@ -37,6 +37,7 @@ def work(spec: SearchSpec, worker: int = 0, task: Any = None, parent: int | None
     ran = 0
     while parent is None or os.getppid() == parent:
         optuna.storages.fail_stale_trials(study)
+        st.fail_orphans(study, 3 * spec.heartbeat)
         action = next_action(spec, st.counts(study))
         if action == "stop":
             break
