@@ -18,7 +18,7 @@ from l2sp.engine.checkpoint import load as load_checkpoint
 from l2sp.engine.classification import Setup, build_task, classification_task, setup
 from l2sp.engine.config import expand_path, resolve, to_yaml
 from l2sp.engine.rundir import RunDirectory
-from l2sp.engine.runner import Runner, build_optimizer, configure, pick_device, seed_everything
+from l2sp.engine.runner import Task, build_optimizer, configure, pick_device, run_task, seed_everything
 from l2sp.errors import L2SPError
 
 __all__ = ["RunArtifacts", "Setup", "build_optimizer", "build_task", "finetune", "load_run", "pick_device",
@@ -53,17 +53,20 @@ def finetune(
     callbacks of the training loop (``before_train``, ``after_step``, ``after_train``). ``resume``: continue
     the run in the run directory from its last checkpoint. ``stop_after``: stop after that many steps of this
     call, with a checkpoint (as if killed). Returns the results dict (also ``results.json``).
+
+    Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`l2sp.engine.distributed`):
+    ``optim.batch_size`` is the global batch, rank 0 writes the run directory, every rank returns the results.
     """
     cfg = configure(config, overrides, quiet=quiet, out=out)
     if model is not None:  # the saved config says the network was the caller's, not model.*
         cfg.model.arch, cfg.model.weights = f"{USER_MODEL}{type(model).__qualname__}", None
-    run = RunDirectory(cfg.run_dir(), resolve)
-    finished = run.claim(cfg, resume=resume, overwrite=overwrite)
-    if finished is not None:
-        return finished
-    s = setup(cfg, task, model=model, source=source)
-    runner = Runner(cfg, run, classification_task(s, loss, hooks), s.device)
-    return runner.fit(resume=resume, stop_after=stop_after, config_text=to_yaml(cfg))
+
+    def build() -> tuple[Task, torch.device]:
+        s = setup(cfg, task, model=model, source=source)
+        return classification_task(s, loss, hooks), s.device
+
+    return run_task(cfg, RunDirectory(cfg.run_dir(), resolve), build, resume=resume, overwrite=overwrite,
+                    stop_after=stop_after, config_text=to_yaml(cfg))
 
 
 class RunArtifacts:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from l2sp.engine import distributed
 from l2sp.engine.checkpoint import load as load_checkpoint
 from l2sp.engine.checkpoint import save as save_checkpoint
 from l2sp.engine.checkpoint import set_rng_state
@@ -47,16 +48,17 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable CUDA device is a one-line error."""
+    """``auto`` -> cuda when available, else cpu; an unavailable CUDA device is a one-line error. Under DDP,
+    ``cuda`` is the GPU of the process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise L2SPError(f"train.device={name} is not a device; use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise L2SPError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return dev
+    return distributed.device(dev)
 
 
 def configure(config: Any, overrides: list[str] | dict | None, *, quiet: bool | None, out: str | None,
@@ -109,7 +111,8 @@ class Task:
     printed at the start; ``split``: written to ``split.json``; ``final_record(results)``: the last line of
     ``metrics.jsonl``; ``model_metadata``: stored in ``model.safetensors``; ``checkpoint_regularizer``: keep Ω's
     buffers in the checkpoint (False where w0 is rebuilt from its source on resume); ``hooks``: the user's
-    :class:`~l2sp.engine.trainer.Hook` callbacks.
+    :class:`~l2sp.engine.trainer.Hook` callbacks; ``ddp_find_unused``: some trainable parameters get no gradient
+    in a step (DDP's ``find_unused_parameters``).
     """
 
     model: nn.Module
@@ -126,6 +129,7 @@ class Task:
     model_metadata: dict = field(default_factory=dict)
     checkpoint_regularizer: bool = True
     hooks: Sequence[Hook] = ()
+    ddp_find_unused: bool = False
 
 
 class Runner:
@@ -139,10 +143,32 @@ class Runner:
         self.trainer: Trainer | None = None
 
     def fit(self, *, resume: bool = False, stop_after: int | None = None, config_text: str = "") -> dict:
-        """The run: returns ``results.json``'s dict, or ``{"interrupted": True, ...}`` after ``stop_after``."""
-        cfg, task = self.cfg, self.task
+        """The run: returns ``results.json``'s dict, or ``{"interrupted": True, ...}`` after ``stop_after``.
+        Under DDP every rank trains; rank 0 alone writes the run directory and evaluates."""
+        cfg = self.cfg
+        resuming = distributed.on_main(lambda: self.prepare(resume, config_text))
+        handle = self.build_optimizer()
+        self.trainer = self.build_trainer()
+        start = self.restore() if resuming else 0
+        loop = self.train(start, stop_after)
+        if loop.step < cfg.optim.steps:  # interrupted on purpose (stop_after)
+            return {"interrupted": True, "step": loop.step, "run_dir": str(self.run.path)}
+        if self.main:
+            self.final_checkpoint()
+        if handle is not None:
+            handle.remove()
+        return distributed.on_main(lambda: self.finish(loop))
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory (rank 0; always in one process)."""
+        return distributed.current().main
+
+    def prepare(self, resume: bool, config_text: str) -> bool:
+        """Write the config (and ``split.json``), announce, and say whether a checkpoint is resumed (rank 0)."""
+        task = self.task
         self.run.commit_config(config_text)
-        if not cfg.train.quiet:
+        if not self.cfg.train.quiet:
             print(f"{task.announce} -> {self.run.path}", flush=True)
         resuming = resume and self.run.checkpoint.is_file()
         if resume and not resuming:
@@ -152,16 +178,9 @@ class Runner:
             if resuming:
                 self.run.check_split(task.split)
             atomic_write_json(self.run.path / "split.json", task.split)
-        handle = self.build_optimizer()
-        self.trainer = self.build_trainer()
-        start = self.restore() if resuming else self.run.reset_metrics()
-        loop = self.train(start, stop_after)
-        if loop.step < cfg.optim.steps:  # interrupted on purpose (stop_after)
-            return {"interrupted": True, "step": loop.step, "run_dir": str(self.run.path)}
-        self.final_checkpoint()
-        if handle is not None:
-            handle.remove()
-        return self.finish(loop)
+        if not resuming:
+            self.run.reset_metrics()
+        return resuming
 
     def build_optimizer(self) -> Any:
         """Optimizer (penalized parameters at weight decay 0), Ω attached (``reg.mode``), LR scheduler."""
@@ -173,19 +192,24 @@ class Runner:
         return handle
 
     def build_trainer(self) -> Trainer:
-        t, task = self.cfg.train, self.task
-        forward = task.forward or task.model
+        """The loop; under DDP the forward is wrapped in DistributedDataParallel (after Ω was built on the bare
+        model) and ranks other than 0 neither log, validate nor print."""
+        t, task, main = self.cfg.train, self.task, self.main
+        forward = distributed.wrap(task.forward or task.model, task.model, self.device,
+                                   find_unused=task.ddp_find_unused)
         if t.compile and self.device.type == "cuda":
             forward = torch.compile(forward)
         return Trainer(task.model, self.optimizer, self.scheduler, device=self.device, amp=t.amp,
                        channels_last=t.channels_last, forward=forward, regularizer=task.regularizer,
                        log_every=t.log_every, ckpt_every=t.ckpt_every if t.save_checkpoint else 0,
-                       eval_every=getattr(t, "eval_every", 0), metrics_path=self.run.metrics, quiet=t.quiet,
-                       save_checkpoint=self.save, validate=task.validate, loss_fn=task.loss, hooks=task.hooks)
+                       eval_every=getattr(t, "eval_every", 0), metrics_path=self.run.metrics if main else None,
+                       quiet=t.quiet or not main, save_checkpoint=self.save, validate=task.validate if main else None,
+                       loss_fn=task.loss, hooks=task.hooks)
 
     def save(self, step: int) -> None:
-        """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically."""
-        if not self.cfg.train.save_checkpoint:
+        """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically;
+        rank 0 writes it (the ranks hold the same state)."""
+        if not self.cfg.train.save_checkpoint or not self.main:
             return
         reg, scaler = self.task.regularizer, self.trainer.scaler
         extra = ({"regularizer": reg.state_dict() if reg is not None else {}}
@@ -195,7 +219,8 @@ class Runner:
                         scaler=scaler.state_dict() if scaler is not None else {}, **extra)
 
     def restore(self) -> int:
-        """Load the last checkpoint into the run (RNG states last); returns its step."""
+        """Load the last checkpoint into the run (RNG states last); returns its step. Every rank reads the file
+        rank 0 wrote (several machines: the run directory on a shared filesystem)."""
         path, reg, scaler = self.run.checkpoint, self.task.regularizer, self.trainer.scaler
         state = load_checkpoint(path, map_location=self.device)
         try:
@@ -211,19 +236,22 @@ class Runner:
                             "start the run again with --overwrite") from exc
         set_rng_state(state["rng"])
         start = int(state["step"])
-        self.run.truncate_metrics(start)
+        if self.main:
+            self.run.truncate_metrics(start)
         return start
 
     def train(self, start: int, stop_after: int | None) -> LoopState:
         """The loop over the seeded, resumable batch stream of steps ``start .. optim.steps-1``."""
         cfg, trainer = self.cfg, self.trainer
-        if cfg.train.tensorboard:
+        r = distributed.current()
+        if cfg.train.tensorboard and r.main:
             from torch.utils.tensorboard import SummaryWriter
 
             trainer.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=start or None)
         ds = self.task.train
+        distributed.local_batch(cfg.optim.batch_size)
         loader = train_loader(ds, cfg.optim.batch_size, cfg.train.seed, start, cfg.optim.steps,
-                              **loader_options(ds, cfg.data.num_workers, self.device))
+                              shard=(r.rank, r.world), **loader_options(ds, cfg.data.num_workers, self.device))
         try:
             return trainer.run(loader, start, cfg.optim.steps, stop_after=stop_after)
         finally:
@@ -237,7 +265,8 @@ class Runner:
             self.save(steps)
 
     def finish(self, loop: LoopState) -> dict:
-        """Evaluate, then write ``model.safetensors``, ``results.json`` and the last line of ``metrics.jsonl``."""
+        """Evaluate, then write ``model.safetensors``, ``results.json`` and the last line of ``metrics.jsonl``
+        (rank 0 alone under DDP; the other ranks receive the results)."""
         cfg = self.cfg
         results = {"name": cfg.name, "seed": cfg.train.seed, "steps": cfg.optim.steps, "run_dir": str(self.run.path),
                    **self.task.describe, "train_time_s": loop.train_time, "final_loss": loop.last_loss,
@@ -248,6 +277,20 @@ class Runner:
         atomic_write_json(self.run.path / "results.json", results)
         self.run.append_metrics({"step": cfg.optim.steps, **self.task.final_record(results)})
         return results
+
+
+def run_task(cfg: Any, run: RunDirectory, build: Callable[[], tuple[Task, torch.device]], *, resume: bool,
+             overwrite: bool, stop_after: int | None, config_text: str) -> dict:
+    """Claim the run directory, build the task (``build() -> (task, device)``) and fit it: the steps every
+    ``finetune_X`` shares. Under torchrun, inside the job's process group: rank 0 claims the directory (its
+    error or a finished run's results reach every rank), every rank builds the same task and trains."""
+    with distributed.session(cfg.train.device):
+        distributed.local_batch(cfg.optim.batch_size)
+        finished = distributed.on_main(lambda: run.claim(cfg, resume=resume, overwrite=overwrite))
+        if finished is not None:
+            return finished
+        task, device = build()
+        return Runner(cfg, run, task, device).fit(resume=resume, stop_after=stop_after, config_text=config_text)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:

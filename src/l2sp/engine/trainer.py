@@ -3,7 +3,8 @@
 Data order and augmentation depend only on (seed, step): the batch of step t is positions
 [t·B, (t+1)·B) of epoch ⌊t / ⌊n/B⌋⌋'s permutation (drop_last), and its transforms draw from an RNG seeded
 with hash(seed, t). A run resumed at step t therefore sees exactly the batches of an uninterrupted run,
-whatever the number of loader workers.
+whatever the number of loader workers. Under DDP (:mod:`l2sp.engine.distributed`) every rank builds that
+global batch the same way and keeps its contiguous slice, so the numbers do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from l2sp.engine import distributed
 from l2sp.engine.evaluate import amp_context
 from l2sp.errors import L2SPError
 
@@ -63,10 +65,13 @@ class StepBatchSampler(Sampler):
 class SeededBatches(Dataset):
     """Wraps a dataset so that the random transforms of a batch draw from torch's RNG seeded by the batch
     seed (forked in the main process, so the caller's RNG stream is left untouched). A dataset with
-    ``get_batch(indices) -> (images, labels)`` is read a batch at a time (no per-item tensors)."""
+    ``get_batch(indices) -> (images, labels)`` is read a batch at a time (no per-item tensors).
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    ``shard=(r, n)``: the batch is built whole (its augmentation stream is that of one process) and slice r of n
+    equal contiguous slices is kept (rank r of a DDP job)."""
+
+    def __init__(self, dataset: Dataset, shard: tuple[int, int] = (0, 1)) -> None:
+        self.dataset, self.shard = dataset, shard
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -75,6 +80,16 @@ class SeededBatches(Dataset):
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list | Collated:
+        batch = self._whole(items)
+        r, n = self.shard
+        if n == 1:
+            return batch
+        b = len(items) // n
+        if isinstance(batch, Collated):
+            return Collated(part[r * b:(r + 1) * b] for part in batch)
+        return batch[r * b:(r + 1) * b]
+
+    def _whole(self, items: list[tuple[int, int]]) -> list | Collated:
         indices = [i for i, _ in items]
         fork = get_worker_info() is None
         with torch.random.fork_rng(devices=[], enabled=fork):
@@ -107,12 +122,14 @@ def train_loader(
     *,
     num_workers: int = 0,
     pin_memory: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
-    """The DataLoader of steps ``start .. total-1`` (one batch per step)."""
+    """The DataLoader of steps ``start .. total-1`` (one batch per step; ``batch_size`` the global batch, of which
+    ``shard=(r, n)`` keeps slice r of n)."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total)
     # its own generator: creating the iterator must not draw from (and shift) the global RNG
     return DataLoader(
-        SeededBatches(dataset),
+        SeededBatches(dataset, shard),
         collate_fn=collate,
         batch_sampler=sampler,
         num_workers=num_workers,
@@ -205,6 +222,7 @@ class Trainer:
         self.metrics_path, self.writer, self.quiet = metrics_path, writer, quiet
         self.save_checkpoint, self.validate = save_checkpoint, validate
         self.hooks = list(hooks)
+        self.world = distributed.current().world  # images per step = the slice × the number of ranks
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def _log(self, record: dict) -> None:
@@ -226,8 +244,9 @@ class Trainer:
                         "lower optim.lr or reg.alpha, or use train.amp=none")
 
     def _check(self, losses: torch.Tensor, k: int, first_step: int, state: LoopState) -> list[float]:
-        """Move the window's losses to the host (one sync); stop on NaN/Inf naming the step."""
-        vals = losses[:k].tolist()
+        """Move the window's losses (averaged over the ranks under DDP: every rank then takes the same decision)
+        to the host (one sync); stop on NaN/Inf naming the step."""
+        vals = distributed.mean(losses[:k]).tolist()
         for i, v in enumerate(vals):
             if not math.isfinite(v):
                 raise self._diverged(first_step + i + 1, f"loss became {v}", str(v), state)
@@ -323,7 +342,7 @@ class Trainer:
                 bar.update(1)
                 for h in self.hooks:
                     h.after_step(self, state)
-                if self._after_step(w, state, total, stop_after, lr, len(x), bar):
+                if self._after_step(w, state, total, stop_after, lr, len(x) * self.world, bar):
                     break
         finally:
             bar.close()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from l2sp.engine.config import expand_path
 from l2sp.engine.rundir import RunDirectory
-from l2sp.engine.runner import Runner, Task, configure, pick_device, seed_everything
+from l2sp.engine.runner import Task, configure, pick_device, run_task, seed_everything
 from l2sp.errors import L2SPError
 from l2sp.segmentation.config import (
     SegConfig,
@@ -265,12 +265,13 @@ def finetune_segmentation(config: Any = None, overrides: list[str] | dict | None
     ``resume``: continue the run in the run directory from its last checkpoint. ``stop_after``: stop after
     that many steps of this call, with a checkpoint (as if killed). Returns the results (also
     ``results.json``): ``val_miou``, ``val_pixel_acc`` and ``val["per_class_iou"]`` among others.
+    Under ``torchrun`` the run is data-parallel like :func:`l2sp.finetune` (see docs/scale.md).
     """
     cfg = configure(config, overrides, quiet=quiet, out=out, resolver=resolve_segmentation)
-    run = RunDirectory(cfg.run_dir(), resolve_segmentation)
-    finished = run.claim(cfg, resume=resume, overwrite=overwrite)
-    if finished is not None:
-        return finished
-    s = setup_segmentation(cfg)
-    runner = Runner(cfg, run, segmentation_task(s), s.device)
-    return runner.fit(resume=resume, stop_after=stop_after, config_text=to_yaml(cfg))
+
+    def build() -> tuple[Task, torch.device]:
+        s = setup_segmentation(cfg)
+        return segmentation_task(s), s.device
+
+    return run_task(cfg, RunDirectory(cfg.run_dir(), resolve_segmentation), build, resume=resume,
+                    overwrite=overwrite, stop_after=stop_after, config_text=to_yaml(cfg))

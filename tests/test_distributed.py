@@ -1,0 +1,197 @@
+"""DDP through torchrun on CPU (gloo, 2 processes, one thread each): the same weights and accuracy as one process,
+SIGKILL and --resume under DDP, rank 0 alone writing the run directory, the global batch split over ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import l2sp
+from l2sp.engine import distributed
+from l2sp.engine.run import finetune
+from l2sp.engine.synthetic import synthetic_task
+from l2sp.engine.trainer import Hook, SeededBatches, StepBatchSampler
+from l2sp.errors import L2SPError
+from l2sp.io import load_tensors
+
+HERE = Path(__file__).resolve().parent
+STEPS = 10
+
+
+def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (``python -m torch.distributed.run``), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# --- the job a torchrun test starts (also run in one process for the reference) -----------------------------
+
+class KillRank1(Hook):
+    """SIGKILL the process of rank 1 after optimizer step ``at`` (the others then fail too)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_step(self, trainer, state) -> None:
+        if state.step == self.at and distributed.current().rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def job(out: str, *, kill_at: int = 0, resume: bool = False) -> tuple[dict, list, float]:
+    """An L2-SP run of a tiny conv net (its own w0, new head in S̄) on a synthetic task, batch 8 (global).
+    Returns the results, the labels of every step's batch as the loss saw them, and Σ of the final weights."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 13 * 13, 7))
+    w0 = l2sp.snapshot(net)
+    net[4] = nn.Linear(4 * 13 * 13, 3)
+    data = synthetic_task(num_classes=3, n_train=40, n_val=12, n_test=24, seed=2)
+    cfg = {"reg": {"kind": "l2-sp", "alpha": 0.1, "beta": 0.01},
+           "optim": {"lr": 0.05, "batch_size": 8, "steps": STEPS, "milestones": [7]},
+           "train": {"log_every": 2, "ckpt_every": 4, "quiet": True, "tensorboard": False, "channels_last": False,
+                     "device": "cpu", "bn": "frozen"}}
+    hooks = [KillRank1(kill_at)] if kill_at else []
+    seen: list[list[int]] = []
+
+    def loss(output, target):
+        seen.append(target.tolist())
+        return F.cross_entropy(output.float(), target)
+
+    results = finetune(cfg, task=data, model=net, source=w0, out=out, hooks=hooks, resume=resume, loss=loss)
+    return results, seen, float(sum(p.detach().double().sum() for p in net.parameters()))
+
+
+def _job_main() -> None:
+    """Entry point under torchrun: ``python test_distributed.py OUT [--kill-at K] [--resume]``."""
+    out, args = sys.argv[1], sys.argv[2:]
+    kill_at = int(args[args.index("--kill-at") + 1]) if "--kill-at" in args else 0
+    results, seen, total = job(out, kill_at=kill_at, resume="--resume" in args)
+    rank = distributed.launched().rank
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"test_acc": results["test_acc"], "labels": seen,
+                                                          "sum": total}))
+
+
+# --- tests ----------------------------------------------------------------------------------------------------
+
+def test_global_batch_must_split_over_ranks():
+    assert distributed.local_batch(12, world=4) == 3
+    with pytest.raises(L2SPError, match=r"optim.batch_size=10 .*over 4 processes; use a multiple of 4 \(8 or 12\)"):
+        distributed.local_batch(10, world=4)
+    assert distributed.current() == distributed.Rank() and not distributed.current().distributed
+
+
+def test_rank_slices_concatenate_to_the_one_process_batch():
+    """Rank r's slice is positions [r·B/N, (r+1)·B/N) of the batch one process builds, augmentation included
+    (an item-wise transform drawing from the batch's seeded RNG stream)."""
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)) + torch.rand(2), i
+
+    items = next(iter(StepBatchSampler(20, 8, seed=3, start=4, total=5)))
+    whole = SeededBatches(Noisy()).__getitems__(items)
+    parts = [SeededBatches(Noisy(), (r, 4)).__getitems__(items) for r in range(4)]
+    assert [len(p) for p in parts] == [2, 2, 2, 2]
+    flat = [x for p in parts for x in p]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(whole, flat, strict=True))
+
+
+def test_sync_batchnorm_converts_only_layers_that_train():
+    from l2sp.freeze import freeze_bn_stats
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+    freeze_bn_stats(net[1])
+    w = net[2][1].weight
+    assert distributed.sync_batchnorm(net) == 1
+    assert type(net[1]) is nn.BatchNorm2d and isinstance(net[2][1], nn.SyncBatchNorm) and net[2][1].weight is w
+
+
+def _weights(path: Path) -> dict:
+    return load_tensors(path)[0]
+
+
+def _close(a: dict, b: dict, atol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process run of :func:`job`: weights, results and the labels of each step."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    torch.set_num_threads(1)
+    results, seen, _ = job(str(out))
+    return _weights(out / "model.safetensors"), results, seen
+
+
+@pytest.mark.slow
+def test_ddp_kill_and_resume_equals_one_process(tmp_path, reference):
+    """2 ranks (gloo): rank 1 SIGKILLed after step 6 (checkpoint at step 4) ends the job; --resume under DDP
+    finishes with the one-process weights (within 1e-4, identical on both ranks) and the same test accuracy on
+    both ranks; rank r trained on slice r (4 of the 8 examples) of the one-process batch of each step."""
+    out = tmp_path / "run"
+    killed = _torchrun(str(HERE / "test_distributed.py"), str(out), "--kill-at", "6")
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    assert not (out / "results.json").exists() and (out / "checkpoints" / "last.pt").is_file()
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    done = _torchrun(str(HERE / "test_distributed.py"), str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref_weights, ref_results, ref_seen = reference
+    _close(_weights(out / "model.safetensors"), ref_weights)
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_acc"] == ref_results["test_acc"]
+    ranks = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["test_acc"] for r in ranks] == [ref_results["test_acc"]] * 2 and ranks[0]["sum"] == ranks[1]["sum"]
+    assert [a + b for a, b in zip(ranks[0]["labels"], ranks[1]["labels"], strict=True)] == ref_seen[4:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 10]  # one line per log step: rank 1 wrote none
+
+
+@pytest.mark.slow
+def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
+    """``torchrun -m l2sp finetune CONFIG``: the same weights, accuracy and logged losses as one process;
+    one TensorBoard file, the metrics written once; a global batch that does not split is a one-line error."""
+    config = {"data": {"task": "synthetic", "options": {"num_classes": 3, "n_train": 48, "n_test": 30,
+                                                        "n_val": 12}},
+              "model": {"arch": "small_resnet", "weights": None},
+              "reg": {"kind": "l2", "alpha": 0.01}, "eval": {"splits": ["val", "test"]},
+              "optim": {"lr": 0.05, "batch_size": 8, "steps": 6, "milestones": [4]},
+              "train": {"log_every": 3, "ckpt_every": 0, "quiet": True, "tensorboard": True, "device": "cpu",
+                        "bn": "frozen", "channels_last": False}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.set_num_threads(1)
+    one = finetune(str(path), out=str(tmp_path / "one"))
+    run = _torchrun("-m", "l2sp", "finetune", str(path), "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = tmp_path / "two"
+    _close(_weights(two / "model.safetensors"), _weights(tmp_path / "one" / "model.safetensors"))
+    res = json.loads((two / "results.json").read_text())
+    assert (res["test_acc"], res["val_acc"]) == (one["test_acc"], one["val_acc"])
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [x["step"] for x in ref] == [3, 6, 6]
+    for a, b in zip(lines[:2], ref[:2], strict=True):  # the global batch's mean loss, not rank 0's slice
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert len(list((two / "tb").glob("events.out.tfevents.*"))) == 1
+    bad = _torchrun("-m", "l2sp", "finetune", str(path), "optim.batch_size=9", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0  # torchrun's own status when its workers fail (each worker exits with 2)
+    assert "l2sp: error: optim.batch_size=9 (the global batch) does not split over 2 processes" in bad.stderr
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+if __name__ == "__main__":
+    _job_main()
