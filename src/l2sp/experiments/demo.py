@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import copy
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from l2sp.errors import L2SPError
+from l2sp.experiments.seeds import mean_std
 
 SOURCE_CLASSES = 5
 #: the α grids, per kind, fixed a priori from each penalty's gradient scale (α·d for the quadratic kinds, d ~
@@ -43,25 +45,41 @@ ALPHAS = {
     "gl-sp": [1e-5, 1e-4, 1e-3],
     "gl-sp-fisher": [1e-5, 1e-4, 1e-3],
 }
+#: the full demo's grids: ``ALPHAS`` less the points that no selection chose on either machine of the two full
+#: runs (Intel Xeon, README; AMD EPYC, issue 17) for the kinds compared at one size only. L2 and L2-SP keep their
+#: three points: their α is chosen again at every training-set size.
+FULL_ALPHAS = {**ALPHAS, "l2-sp-fisher": [1e-3, 1e-2], "l1-sp": [1e-5, 1e-4], "gl-sp": [1e-5, 1e-4],
+               "gl-sp-fisher": [1e-5, 1e-4]}
+#: the one learning rate of the full demo: both full runs chose 0.02 over 0.005 in 10 of their 12 selections
+LR = 0.02
 BETA = 0.01  # "β = 0.01 was always picked" (the paper); β is varied only in the α/β heat map
+GRID_SEED0, FINAL_SEED0 = 100, 0  # selection runs use seeds 100, 101, ...; the final runs 0, 1, ...
 
 
 @dataclass
 class Plan:
-    """How much the demo runs. ``full()`` fits 15 minutes on 2 CPU cores, ``quick()`` 3 minutes."""
+    """How much the demo runs. ``full()`` fits 15 minutes on 2 CPU cores, ``quick()`` 3 minutes.
+
+    Every kind is compared at ``n_per_class`` training images per class; ``size_kinds`` also at each of
+    ``sizes`` (the data-size sweep). α (and lr, if ``lrs`` has several) is chosen for each (size, kind) by the mean
+    validation accuracy of ``grid_seeds`` seeds per grid point; the choice then runs with ``seeds`` other seeds.
+    """
 
     name: str
     n_per_class: int = 30
+    sizes: list = field(default_factory=lambda: [15, 30, 100])  # 15: the fewest with 5·n ≥ batch 64
+    size_kinds: list = field(default_factory=lambda: ["l2", "l2-sp"])
     val_per_class: int = 100
     source_steps: int = 2000
-    steps: int = 1500
-    milestone: int = 1000
-    lrs: list = field(default_factory=lambda: [0.005, 0.02])
-    alphas: dict = field(default_factory=lambda: copy.deepcopy(ALPHAS))
+    steps: int = 1200
+    milestone: int = 800
+    lrs: list = field(default_factory=lambda: [LR])
+    alphas: dict = field(default_factory=lambda: copy.deepcopy(FULL_ALPHAS))
     kinds: list = field(default_factory=lambda: list(ALPHAS))
-    freeze: list = field(default_factory=lambda: [1, 2, 3])
-    betas: list = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    freeze: list = field(default_factory=list)
+    betas: list = field(default_factory=list)
     seeds: int = 5
+    grid_seeds: int = 2
     fisher_examples: int = 2000
     model_options: dict = field(default_factory=dict)
 
@@ -71,17 +89,30 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls("quick", steps=500, milestone=350, lrs=[0.01],
-                   alphas={k: v[1:] for k, v in ALPHAS.items()}, freeze=[2], betas=[], seeds=2,
-                   fisher_examples=500)
+        return cls("quick", sizes=[15, 30], steps=400, milestone=270, kinds=["l2", "l2-sp"],
+                   alphas={"l2": [1e-3, 1e-2], "l2-sp": [1e-3, 1e-2]}, seeds=3, fisher_examples=500)
 
     @classmethod
     def tiny(cls) -> Plan:
         """Seconds: for tests of the pipeline itself (the numbers mean nothing)."""
-        return cls("tiny", n_per_class=15, val_per_class=10, source_steps=30, steps=12, milestone=8,
-                   lrs=[0.01], alphas={k: v[1:2] for k, v in ALPHAS.items()}, kinds=["l2", "l2-sp", "l2-sp-fisher"],
-                   freeze=[1], betas=[], seeds=2, fisher_examples=64,
+        return cls("tiny", n_per_class=15, sizes=[13, 15], val_per_class=10, source_steps=30, steps=12,
+                   milestone=8, lrs=[0.01], alphas={k: v[:2] for k, v in ALPHAS.items()},
+                   kinds=["l2", "l2-sp", "l2-sp-fisher"], freeze=[1], seeds=3, fisher_examples=64,
                    model_options={"widths": [8, 8, 16]})
+
+    def points(self) -> list[tuple[int, str]]:
+        """Every (training images per class, kind) the demo compares."""
+        sizes = sorted({*self.sizes, self.n_per_class})
+        return [(n, k) for n in sizes for k in (self.kinds if n == self.n_per_class else self.size_kinds)
+                if k in self.kinds]
+
+    def run_count(self) -> int:
+        """Fine-tuning runs of the plan (selection, freezing, β and final runs), for sizing it."""
+        pts = self.points()
+        grid = sum(len(self.alphas[k]) * len(self.lrs) for _, k in pts) * self.grid_seeds
+        frozen = 2 * len(self.freeze) if self.freeze else 0
+        betas = len(self.alphas.get("l2-sp", [])) * len([b for b in self.betas if b != BETA])
+        return grid + (frozen + betas) * self.grid_seeds + (len(pts) + (2 if frozen else 0)) * self.seeds
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -198,30 +229,135 @@ def source_fisher(plan: Plan, weights: Path, cache: Path, say) -> tuple[Path, fl
     return path, float(values.mean())
 
 
-def _overrides(plan: Plan, weights: Path, fisher: Path, kind: str, alpha: float, beta: float, lr: float,
-               freeze: int, seed: int, final: bool) -> dict:
-    """The ``fashion-mnist`` preset, with this run's penalty, schedule and bookkeeping."""
+def _overrides(plan: Plan, weights: Path, fisher: Path | None, p: dict, final: bool) -> dict:
+    """The ``fashion-mnist`` preset, with this run's size, penalty, schedule and bookkeeping (``p``: its params)."""
     return {
         "name": "demo", "model.weights": str(weights), "model.options": plan.model_options,
-        "data.n_per_class": plan.n_per_class, "data.val_per_class": plan.val_per_class,
-        "reg.kind": kind, "reg.alpha": alpha, "reg.beta": beta,
-        "reg.fisher": str(fisher) if kind.endswith("fisher") else None,
-        "optim.lr": lr, "optim.steps": plan.steps, "optim.milestones": [plan.milestone],
-        "train.seed": seed, "train.device": "cpu", "train.freeze": freeze, "train.tensorboard": False,
+        "data.n_per_class": p["n"], "data.val_per_class": plan.val_per_class,
+        "reg.kind": p["kind"], "reg.alpha": p["alpha_used"], "reg.beta": p["beta"],
+        "reg.fisher": str(fisher) if p["kind"].endswith("fisher") else None,
+        "optim.lr": p["lr"], "optim.steps": plan.steps, "optim.milestones": [plan.milestone],
+        "train.seed": p["seed"], "train.device": "cpu", "train.freeze": p["freeze"], "train.tensorboard": False,
         "train.save_checkpoint": False, "train.ckpt_every": 0, "train.save_model": final,
         "train.log_every": max(1, plan.steps // 10), "eval.splits": ["val", "test"] if final else ["val"],
     }
 
 
-def _best(results: list[dict]) -> dict:
-    """The highest validation accuracy; ties go to the earlier (smaller α, then smaller lr) grid point."""
-    return max(results, key=lambda r: r["val_acc"])
+def select(runs: list[dict]) -> dict:
+    """The grid point of ``runs`` (one kind, one size, several seeds per point) with the highest mean validation
+    accuracy (ties: the earlier point, i.e. smaller α, then smaller lr), its runner-up and margin (points).
+
+    noise = s_p·√(2/k): the standard error of the difference of two points' means, s_p the pooled seed-to-seed
+    standard deviation of validation accuracy within points, k seeds per point. The choice is *resolved* when
+    margin > 2·noise; otherwise the seeds cannot tell the two best points apart (either is a fair choice)."""
+    points: dict[tuple, list[dict]] = {}
+    for r in runs:
+        p = r["params"]
+        points.setdefault((p["alpha"], p["lr"], p["beta"], p["freeze"]), []).append(r)
+    scored = [(sum(r["val_acc"] for r in rs) / len(rs), key, rs) for key, rs in points.items()]
+    ranked = sorted(scored, key=lambda t: -t[0])  # stable: ties keep grid order
+    best_mean, _, best_runs = ranked[0]
+    variances = [mean_std(100 * r["val_acc"] for r in rs)[1] ** 2 for _, _, rs in scored if len(rs) > 1]
+    k = min(len(rs) for _, _, rs in scored)
+    noise = math.sqrt(sum(variances) / len(variances) * 2 / k) if variances else float("nan")
+    choice = {"params": dict(best_runs[0]["params"]), "val_acc": best_mean, "val_seeds": len(best_runs),
+              "noise": noise, "runner_up": None, "runner_up_val": None, "margin": None, "resolved": None}
+    if len(ranked) > 1:
+        second_mean, _, second_runs = ranked[1]
+        choice.update(runner_up=dict(second_runs[0]["params"]), runner_up_val=second_mean,
+                      margin=100 * (best_mean - second_mean))
+        choice["resolved"] = bool(choice["margin"] > 2 * noise) if not math.isnan(noise) else None
+    return choice
+
+
+class _Specs:
+    """Builds the job of one run: the overrides of the ``fashion-mnist`` preset, its folder and its params."""
+
+    def __init__(self, plan: Plan, out: Path, weights: Path, fisher: Path | None, fisher_mean: float):
+        self.plan, self.out, self.weights, self.fisher, self.fisher_mean = plan, out, weights, fisher, fisher_mean
+
+    def __call__(self, n: int, kind: str, alpha: float, lr: float, seed: int, *, beta: float = BETA,
+                 freeze: int = 0, final: bool = False, label: str | None = None) -> dict:
+        scaled = alpha / self.fisher_mean if kind.endswith("fisher") else alpha
+        params = {"n": n, "kind": kind, "alpha": alpha, "alpha_used": scaled, "beta": beta, "lr": lr,
+                  "freeze": freeze, "seed": seed}
+        name = f"n{n}-{kind}-a{alpha:g}-b{beta:g}-lr{lr:g}-f{freeze}"
+        run_out = self.out / ("final" if final else "grid") / f"{name}-s{seed}"
+        return {"overrides": _overrides(self.plan, self.weights, self.fisher, params, final), "out": str(run_out),
+                "label": label or kind, "params": params, "drop": final}
+
+    def grid(self) -> list[dict]:
+        """Every (size, kind) × α × lr × selection seed."""
+        p = self.plan
+        return [self(n, k, a, lr, GRID_SEED0 + s) for n, k in p.points() for a in p.alphas[k] for lr in p.lrs
+                for s in range(p.grid_seeds)]
+
+    def extra(self, chosen: dict) -> list[dict]:
+        """Freezing the first k blocks (L2, L2-SP at their chosen α, lr) and β for L2-SP, at ``n_per_class``."""
+        p, n = self.plan, self.plan.n_per_class
+        specs = [self(n, k, c["params"]["alpha"], c["params"]["lr"], GRID_SEED0 + s, freeze=f, label=f"{k}+freeze")
+                 for k in ("l2", "l2-sp") if (c := chosen.get((n, k))) for f in p.freeze for s in range(p.grid_seeds)]
+        if (c := chosen.get((n, "l2-sp"))) and p.betas:
+            specs += [self(n, "l2-sp", a, c["params"]["lr"], GRID_SEED0 + s, beta=b, label="l2-sp-beta")
+                      for a in p.alphas["l2-sp"] for b in p.betas if b != BETA for s in range(p.grid_seeds)]
+        return specs
+
+    def final(self, chosen: dict) -> list[dict]:
+        """The chosen configuration of every (size, method), over the final seeds."""
+        return [self(n, c["params"]["kind"], c["params"]["alpha"], c["params"]["lr"], FINAL_SEED0 + s,
+                     beta=c["params"]["beta"], freeze=c["params"]["freeze"], final=True, label=m)
+                for (n, m), c in chosen.items() for s in range(self.plan.seeds)]
+
+
+def choose(plan: Plan, grid: list[dict], extra: list[dict] | None = None) -> dict:
+    """{(n, method): :func:`select` of its runs}: every (size, kind) of the grid, then "KIND+freeze" at
+    ``n_per_class`` among the frozen variants (the unfrozen choice is not a candidate)."""
+    chosen = {}
+    for n, k in plan.points():
+        runs = [r for r in grid if r["params"]["kind"] == k and r["params"]["n"] == n]
+        if runs:
+            chosen[(n, k)] = select(runs)
+    for k in ("l2", "l2-sp"):
+        cands = [r for r in extra or [] if r["label"] == f"{k}+freeze"]
+        if cands:
+            chosen[(plan.n_per_class, f"{k}+freeze")] = select(cands)
+    return chosen
+
+
+def _describe_choices(chosen: dict) -> str:
+    return "; ".join(f"n={n} {m}: α={c['params']['alpha']:g}" + (f" lr={c['params']['lr']:g}" if c["margin"] is None
+                     or len({c["params"]["lr"], (c["runner_up"] or {}).get("lr")}) > 1 else "")
+                     + (f" k={c['params']['freeze']}" if c["params"]["freeze"] else "")
+                     + (f" (+{c['margin']:.2f} over the runner-up{'' if c['resolved'] else ', within noise'})"
+                        if c["margin"] is not None else "") for (n, m), c in chosen.items())
+
+
+def _train_all(plan: Plan, specs: _Specs, runner: Runner, say) -> tuple[list, list, dict, list]:
+    """Selection runs, the choice per (size, method), freezing / β runs, then the final runs."""
+    grid_specs = specs.grid()
+    say(f"[3/4] choosing α{' and the learning rate' if len(plan.lrs) > 1 else ''} on the validation split "
+        f"({plan.grid_seeds} seeds per grid point): {len(grid_specs)} runs")
+    t = time.time()
+    grid = runner.map(grid_specs, "grid")
+    extra_specs = specs.extra(choose(plan, grid))
+    extra = runner.map(extra_specs, "freezing / β") if extra_specs else []
+    chosen = choose(plan, grid, extra)
+    say(f"      selection done ({time.time() - t:.0f} s); chosen: {_describe_choices(chosen)}")
+    final_specs = specs.final(chosen)
+    say(f"      {len(final_specs)} final runs ({len(chosen)} (size, method) pairs × {plan.seeds} seeds)")
+    t = time.time()
+    final = runner.map(final_specs, "final")
+    say(f"      done ({time.time() - t:.0f} s)")
+    for r in grid + extra + final:
+        r["n"] = r["params"]["n"]
+    return grid, extra, chosen, final
 
 
 def run_demo(plan: Plan, out: str | Path = "runs/demo", *, workers: int | None = None,
              cache: str | Path | None = None, say=print) -> dict:
     """Run the demo; returns the tables as row dicts and writes ``OUT/report.md`` (see the module doc)."""
     from l2sp.engine.config import cache_dir
+    from l2sp.experiments.report import write_report
 
     t0 = time.time()
     out = Path(out)
@@ -230,68 +366,31 @@ def run_demo(plan: Plan, out: str | Path = "runs/demo", *, workers: int | None =
     cache.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     say(f"l2sp demo ({plan.name}): Fashion-MNIST, source = 5 even labels, target = 5 odd labels, "
-        f"{plan.n_per_class} training images per class; fine-tuning {plan.steps} iterations of batch 64 "
-        f"(lr/10 after {plan.milestone}), {plan.seeds} seeds; {workers} worker process(es)")
+        f"{plan.n_per_class} training images per class (L2 and L2-SP also at {plan.sizes}); fine-tuning "
+        f"{plan.steps} iterations of batch 64 (lr/10 after {plan.milestone}); {plan.run_count()} runs, "
+        f"{workers} worker process(es)")
     if plan.name != "full":
-        say(f"      {plan.name} mode: fewer iterations, grid points and seeds than `l2sp demo`; "
+        say(f"      {plan.name} mode: fewer iterations, grid points, kinds and seeds than `l2sp demo`; "
             "the numbers are indicative only")
     weights, source_acc = pretrain_source(plan, cache, out, say)
-    fisher_path, fisher_mean = source_fisher(plan, weights, cache, say)
-
-    def spec(kind, alpha, lr, *, beta=BETA, freeze=0, seed=100, final=False, label=None):
-        scaled = alpha / fisher_mean if kind.endswith("fisher") else alpha
-        params = {"kind": kind, "alpha": alpha, "alpha_used": scaled, "beta": beta, "lr": lr, "freeze": freeze,
-                  "seed": seed}
-        name = label or f"{kind}-a{alpha:g}-b{beta:g}-lr{lr:g}-f{freeze}"
-        run_out = out / ("final" if final else "grid") / f"{name}-s{seed}"
-        return {"overrides": _overrides(plan, weights, fisher_path, kind, scaled, beta, lr, freeze, seed, final),
-                "out": str(run_out), "label": label or kind, "params": params, "drop": final}
-
+    fisher_path, fisher_mean = (source_fisher(plan, weights, cache, say) if any(k.endswith("fisher")
+                                for k in plan.kinds) else (None, 1.0))
     runner = Runner(workers)
     try:
-        # 3a. grid on the validation split: α × lr for every kind
-        grid_specs = [spec(k, a, lr) for k in plan.kinds for a in plan.alphas[k] for lr in plan.lrs]
-        say(f"[3/4] choosing α and the learning rate on the validation split: {len(grid_specs)} runs")
-        t = time.time()
-        grid = runner.map(grid_specs, "grid")
-        chosen = {k: _best([r for r in grid if r["params"]["kind"] == k]) for k in plan.kinds}
-        # 3b. freezing the first k blocks, for L2 and L2-SP at their chosen α and lr
-        freeze_specs = [spec(k, chosen[k]["params"]["alpha"], chosen[k]["params"]["lr"], freeze=f,
-                             label=f"{k}+freeze")
-                        for k in ("l2", "l2-sp") if k in chosen for f in plan.freeze]
-        # 3c. β for L2-SP at its chosen lr (the α/β heat map, Figure 1)
-        beta_specs = [spec("l2-sp", a, chosen["l2-sp"]["params"]["lr"], beta=b, label="l2-sp-beta")
-                      for a in plan.alphas["l2-sp"] for b in plan.betas if b != BETA] if "l2-sp" in chosen else []
-        extra = runner.map(freeze_specs + beta_specs, "freezing / β") if freeze_specs or beta_specs else []
-        frozen = [r for r in extra if r["label"].endswith("+freeze")]
-        for k in ("l2", "l2-sp"):
-            cands = [r for r in frozen if r["label"] == f"{k}+freeze"]
-            if cands:
-                chosen[f"{k}+freeze"] = _best(cands)
-        say(f"      grid done ({time.time() - t:.0f} s); chosen: " + ", ".join(
-            f"{m} α={c['params']['alpha']:g} lr={c['params']['lr']:g}"
-            + (f" k={c['params']['freeze']}" if c["params"]["freeze"] else "") for m, c in chosen.items()))
-        # 3d. the chosen configurations over seeds, on the test split
-        final_specs = [spec(c["params"]["kind"], c["params"]["alpha"], c["params"]["lr"],
-                            freeze=c["params"]["freeze"], seed=s, final=True, label=m)
-                       for m, c in chosen.items() for s in range(plan.seeds)]
-        say(f"      {len(final_specs)} final runs ({len(chosen)} methods × {plan.seeds} seeds)")
-        t = time.time()
-        final = runner.map(final_specs, "final")
-        say(f"      done ({time.time() - t:.0f} s)")
+        grid, extra, chosen, final = _train_all(plan, _Specs(plan, out, weights, fisher_path, fisher_mean),
+                                                runner, say)
     finally:
         runner.close()
-
-    from l2sp.experiments.report import write_report
-
     say("[4/4] tables, plots and report")
     elapsed = time.time() - t0
     summary = write_report(out, plan=asdict(plan), grid=grid, extra=extra, final=final, chosen=chosen,
                            source_acc=source_acc, fisher_path=fisher_path, elapsed=elapsed, workers=workers,
                            machine=machine_description())
     say("")
-    say(summary["table2"])
-    say(summary["table5"])
+    for key in ("table_sizes", "table2", "table5"):
+        say(summary[key])
+    for line in summary["conclusions"]:
+        say(f"- {line}")
     say(f"report: {out / 'report.md'} ({elapsed / 60:.1f} min on {machine_description()})")
     return summary
 

@@ -101,3 +101,17 @@ def summarize(results: dict[str, list[dict]] | list[dict], path: str | Path | No
         atomic_write_text(path.with_suffix(".md"), text)
         tables.write_csv(path.with_suffix(".csv"), numbers)
     return text
+
+
+def pair_by_seed(a: Sequence[dict], b: Sequence[dict], value: Any = "test_acc", *, scale: float = 100.0):
+    """The paired comparison a − b of two methods' results over the seeds both ran
+    (:func:`l2sp.analysis.paired.paired` on ``scale · value``, matched by ``result["seed"]``).
+
+    ``value``: a results key, or a function of a result. Seeds only one side ran are left out."""
+    from l2sp.analysis.paired import paired
+
+    get = value if callable(value) else (lambda r: r[value])
+    by_seed = {r["seed"]: r for r in b}
+    pairs = [(scale * get(r), scale * get(by_seed[r["seed"]])) for r in sorted(a, key=lambda r: r["seed"])
+             if r["seed"] in by_seed]
+    return paired([x for x, _ in pairs], [y for _, y in pairs])
