@@ -31,6 +31,9 @@ from l2sp.engine.config import (
     validate_run,
 )
 from l2sp.errors import L2SPError
+from l2sp.penalties import get_penalty
+from l2sp.segmentation.data import DATASETS
+from l2sp.segmentation.models import BACKBONES, HEADS, OUTPUT_STRIDES
 
 
 @dataclass
@@ -163,34 +166,26 @@ def _check_source(cfg: SegConfig) -> None:
     if m.backbone_weights is not None and m.checkpoint is not None:
         raise L2SPError("set model.backbone_weights (torchvision download) or model.checkpoint (local file), "
                         "not both; the other one =null")
-    if r.kind not in ("none", "l2") and m.backbone_weights is None and m.checkpoint is None:
+    penalty = None if r.kind == "none" else get_penalty(r.kind)
+    if penalty is not None and penalty.needs_w0 and m.backbone_weights is None and m.checkpoint is None:
         raise L2SPError(f"reg.kind={r.kind} pulls toward the pre-trained weights but neither "
                         "model.backbone_weights nor model.checkpoint is set; set one, or use reg.kind=l2 / none")
-    if r.kind.endswith("fisher") and not r.fisher:
+    if penalty is not None and penalty.needs_fisher and not r.fisher:
         raise L2SPError(f"reg.kind={r.kind} needs reg.fisher=FILE (the source network's Fisher, `l2sp fisher`)")
-
-
-def _registry(module: str, name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
-    """The names of a registry of ``l2sp.segmentation.MODULE`` (a dict's keys or a tuple), else ``fallback``."""
-    import importlib
-
-    found = getattr(importlib.import_module(f"l2sp.segmentation.{module}"), name, None)
-    return tuple(found) if found is not None else fallback
 
 
 def _check_registries(cfg: SegConfig) -> None:
     m = cfg.model
     for key, value, choices in (
-        ("data.dataset", cfg.data.dataset, _registry("data", "DATASETS", ("cityscapes", "sbd"))),
-        ("model.name", m.name, _registry("models", "HEADS", ("fcn", "deeplabv3", "resnet", "pspnet"))),
-        ("model.backbone", m.backbone, _registry("models", "BACKBONES", ("resnet50", "resnet101"))),
+        ("data.dataset", cfg.data.dataset, tuple(DATASETS)),
+        ("model.name", m.name, HEADS),
+        ("model.backbone", m.backbone, BACKBONES),
     ):
         if value not in choices:
             raise L2SPError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
-    strides = _registry("models", "OUTPUT_STRIDES", (8,))
-    if m.output_stride not in strides:
+    if m.output_stride not in OUTPUT_STRIDES:
         raise L2SPError(f"model.output_stride={m.output_stride} is not valid; choose one of "
-                        f"{', '.join(map(str, strides))}")
+                        f"{', '.join(map(str, OUTPUT_STRIDES))}")
 
 
 def validate_segmentation(cfg: SegConfig) -> None:
