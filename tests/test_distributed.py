@@ -30,7 +30,15 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (``python -m torch.distributed.run``), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun {' '.join(args)} hung for {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # --- the job a torchrun test starts (also run in one process for the reference) -----------------------------
@@ -87,6 +95,17 @@ def test_global_batch_must_split_over_ranks():
     with pytest.raises(L2SPError, match=r"optim.batch_size=10 .*over 4 processes; use a multiple of 4 \(8 or 12\)"):
         distributed.local_batch(10, world=4)
     assert distributed.current() == distributed.Rank() and not distributed.current().distributed
+
+
+def test_run_refuses_a_global_batch_that_does_not_split_before_writing(tmp_path, monkeypatch):
+    """Under 2 ranks, optim.batch_size=9 stops the run before the run directory is claimed."""
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Rank(0, 2, 0))
+    cfg = {"data": {"task": "synthetic"}, "model": {"arch": "small_resnet", "weights": None},
+           "reg": {"kind": "l2"}, "optim": {"batch_size": 9, "steps": 2}, "train": {"device": "cpu", "quiet": True}}
+    with pytest.raises(L2SPError, match=r"^optim.batch_size=9 \(the global batch\) does not split over 2 "
+                                        r"processes; use a multiple of 2 \(8 or 10\) or another --nproc_per_node$"):
+        finetune(cfg, out=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_rank_slices_concatenate_to_the_one_process_batch():
@@ -163,7 +182,7 @@ def test_ddp_kill_and_resume_equals_one_process(tmp_path, reference):
 @pytest.mark.slow
 def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
     """``torchrun -m l2sp finetune CONFIG``: the same weights, accuracy and logged losses as one process;
-    one TensorBoard file, the metrics written once; a global batch that does not split is a one-line error."""
+    one TensorBoard file, the metrics written once, the result printed once."""
     config = {"data": {"task": "synthetic", "options": {"num_classes": 3, "n_train": 48, "n_test": 30,
                                                         "n_val": 12}},
               "model": {"arch": "small_resnet", "weights": None},
@@ -187,10 +206,53 @@ def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
     for a, b in zip(lines[:2], ref[:2], strict=True):  # the global batch's mean loss, not rank 0's slice
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert len(list((two / "tb").glob("events.out.tfevents.*"))) == 1
-    bad = _torchrun("-m", "l2sp", "finetune", str(path), "optim.batch_size=9", "--out", str(tmp_path / "bad"))
-    assert bad.returncode != 0  # torchrun's own status when its workers fail (each worker exits with 2)
-    assert "l2sp: error: optim.batch_size=9 (the global batch) does not split over 2 processes" in bad.stderr
-    assert not (tmp_path / "bad" / "config.yaml").exists()
+    assert run.stdout.count("test_acc") == 1  # the result line printed by rank 0 only
+
+
+def test_pixel_loss_under_ddp_is_the_mean_over_the_global_batch(monkeypatch):
+    """Rank r's Σℓ/(V/N) averaged over the ranks = the mean over the valid pixels of the whole batch (the ranks'
+    slices hold different numbers of ignored pixels)."""
+    from l2sp.segmentation.run import IGNORE_INDEX, pixel_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.randint(0, 5, (4, 6, 6), generator=g)
+    mask[:2, :4] = IGNORE_INDEX  # rank 0's slice: far fewer valid pixels
+    whole = pixel_cross_entropy(logits, mask)
+    valid = [(mask[2 * r:2 * r + 2] != IGNORE_INDEX).sum() for r in (0, 1)]
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Rank(0, 2, 0))
+    monkeypatch.setattr(distributed, "mean", lambda t: (valid[0] + valid[1]).to(t.dtype) / 2)
+    ranks = [pixel_cross_entropy(logits[2 * r:2 * r + 2], mask[2 * r:2 * r + 2]) for r in (0, 1)]
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, whole.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose((ranks[0] + ranks[1]) / 2, torch.stack(
+        [torch.nn.functional.cross_entropy(logits[2 * r:2 * r + 2].float(), mask[2 * r:2 * r + 2],
+                                           ignore_index=IGNORE_INDEX) for r in (0, 1)]).mean())
+
+
+@pytest.mark.slow
+def test_torchrun_segment_smoke(tmp_path):
+    """``torchrun -m l2sp segment``: 2 ranks train an FCN (ResNet-50 backbone, frozen BN) on a tiny Cityscapes
+    tree; one results file with a finite mIoU, metrics written once."""
+    import torchvision
+
+    from l2sp.io import save_tensors
+    from test_segmentation_data import fake_cityscapes
+
+    fake_cityscapes(tmp_path / "cityscapes", "train", n=4)
+    fake_cityscapes(tmp_path / "cityscapes", "val", n=1, seed=1)
+    torch.manual_seed(0)
+    save_tensors(tmp_path / "r50.safetensors", torchvision.models.resnet50().state_dict())
+    over = {"data.root": tmp_path / "cityscapes", "model.backbone": "resnet50", "model.backbone_weights": "null",
+            "model.checkpoint": tmp_path / "r50.safetensors", "data.crop": 32, "data.num_workers": 0,
+            "optim.batch_size": 2, "optim.steps": 2, "train.log_every": 1, "train.tensorboard": "false",
+            "train.device": "cpu", "train.save_checkpoint": "false"}
+    run = _torchrun("-m", "l2sp", "segment", "cityscapes-fcn-l2-sp", *[f"{k}={v}" for k, v in over.items()],
+                    "--out", str(tmp_path / "seg"), "-q")
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert 0 <= res["val_miou"] <= 1 and res["steps"] == 2
+    steps = [json.loads(x)["step"] for x in (tmp_path / "seg" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2] and run.stdout.count("val mIoU") == 1
 
 
 if __name__ == "__main__":

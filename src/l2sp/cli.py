@@ -24,6 +24,14 @@ def _print(text: str, quiet: bool = False) -> None:
         print(text, flush=True)
 
 
+def _result(text: str) -> None:
+    """A run's result line: printed once, by rank 0 of a torchrun job (every process in one-process runs)."""
+    from l2sp.engine.distributed import launched
+
+    if launched().main:
+        print(text, flush=True)
+
+
 def _acc_line(r: dict) -> str:
     parts = [
         f"{k} {100 * r[k]:.2f}%"
@@ -90,6 +98,10 @@ def _finetune(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
         )
+        from l2sp.engine.distributed import launched
+
+        if not launched().main:  # under torchrun each seed's run is data-parallel; rank 0 writes the table
+            return 0
         for r in results:
             _print(f"seed {r['seed']}: {_acc_line(r)}", args.quiet)
         print(summarize({cfg.name: results}, out / "summary"), end="")
@@ -103,7 +115,7 @@ def _finetune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=True if args.quiet else None,
     )
-    print(_acc_line(r))
+    _result(_acc_line(r))
     return 0
 
 
@@ -277,8 +289,8 @@ def _segment(args: argparse.Namespace) -> int:
     r = finetune_segmentation(args.config, args.overrides, out=args.out, resume=args.resume,
                               overwrite=args.overwrite, quiet=True if args.quiet else None)
     pct = [f"{100 * r[k]:.2f}%" if r.get(k) is not None else "n/a" for k in ("val_miou", "val_pixel_acc")]
-    print(f"val mIoU {pct[0]}, pixel accuracy {pct[1]} ({r['steps']} steps, {r['images_per_s']:.1f} images/s) "
-          f"-> {r['run_dir']}")
+    _result(f"val mIoU {pct[0]}, pixel accuracy {pct[1]} ({r['steps']} steps, {r['images_per_s']:.1f} images/s) "
+            f"-> {r['run_dir']}")
     return 0
 
 

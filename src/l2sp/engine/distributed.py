@@ -141,6 +141,25 @@ def agree(value: T) -> T:
     return box[0]
 
 
+def gather(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order (``[value]`` in one process)."""
+    r = current()
+    if not r.distributed:
+        return [value]
+    out: list[Any] = [None] * r.world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def seed_rank(base: int) -> None:
+    """Give rank r > 0 its own torch RNG stream, seeded with ``base + r`` (dropout masks and other draws inside
+    the model); rank 0 keeps the stream of one process. The batches and their augmentation do not use it (they
+    are seeded per step)."""
+    r = current()
+    if r.rank > 0:
+        torch.manual_seed((base + r.rank) % 2**63)
+
+
 def mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over the ranks (``t`` itself in one process)."""
     n = current().world

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from l2sp.engine import distributed
 from l2sp.engine.checkpoint import load as load_checkpoint
+from l2sp.engine.checkpoint import rng_state, set_rng_state
 from l2sp.engine.checkpoint import save as save_checkpoint
-from l2sp.engine.checkpoint import set_rng_state
 from l2sp.engine.config import resolve
 from l2sp.engine.rundir import RunDirectory
 from l2sp.engine.schedule import Schedule, make_scheduler
-from l2sp.engine.trainer import Hook, LoopState, Trainer, cross_entropy, train_loader
+from l2sp.engine.trainer import Hook, LoopState, Trainer, batch_seed, cross_entropy, train_loader
 from l2sp.errors import L2SPError
 from l2sp.io import atomic_write_json, save_tensors
 
@@ -149,12 +149,12 @@ class Runner:
         resuming = distributed.on_main(lambda: self.prepare(resume, config_text))
         handle = self.build_optimizer()
         self.trainer = self.build_trainer()
+        distributed.seed_rank(batch_seed(cfg.train.seed, -(2**41)))
         start = self.restore() if resuming else 0
         loop = self.train(start, stop_after)
         if loop.step < cfg.optim.steps:  # interrupted on purpose (stop_after)
             return {"interrupted": True, "step": loop.step, "run_dir": str(self.run.path)}
-        if self.main:
-            self.final_checkpoint()
+        self.final_checkpoint()
         if handle is not None:
             handle.remove()
         return distributed.on_main(lambda: self.finish(loop))
@@ -208,12 +208,17 @@ class Runner:
 
     def save(self, step: int) -> None:
         """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically;
-        rank 0 writes it (the ranks hold the same state)."""
-        if not self.cfg.train.save_checkpoint or not self.main:
+        rank 0 writes it (the ranks hold the same state; under DDP each rank's RNG states go in ``rng_ranks``)."""
+        if not self.cfg.train.save_checkpoint:
+            return
+        rngs = distributed.gather(rng_state()) if distributed.current().distributed else None
+        if not self.main:
             return
         reg, scaler = self.task.regularizer, self.trainer.scaler
         extra = ({"regularizer": reg.state_dict() if reg is not None else {}}
                  if self.task.checkpoint_regularizer else {})
+        if rngs is not None:
+            extra["rng_ranks"] = rngs
         save_checkpoint(self.run.checkpoint, step=step, model=self.task.model.state_dict(),
                         optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else {}, **extra)
@@ -234,7 +239,8 @@ class Runner:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise L2SPError(f"checkpoint {path} does not match this run's model ({str(exc).splitlines()[0]}); "
                             "start the run again with --overwrite") from exc
-        set_rng_state(state["rng"])
+        ranks, r = state.get("rng_ranks"), distributed.current()
+        set_rng_state(ranks[r.rank] if ranks is not None and len(ranks) == r.world else state["rng"])
         start = int(state["step"])
         if self.main:
             self.run.truncate_metrics(start)
@@ -259,9 +265,10 @@ class Runner:
                 trainer.writer.close()
 
     def final_checkpoint(self) -> None:
-        """The state at the last step, unless the periodic checkpoint already wrote it."""
+        """The state at the last step, unless the periodic checkpoint already wrote it (every rank takes part)."""
         t, steps = self.cfg.train, self.cfg.optim.steps
-        if t.save_checkpoint and (not self.run.checkpoint.is_file() or t.ckpt_every == 0 or steps % t.ckpt_every):
+        written = distributed.agree(self.main and self.run.checkpoint.is_file())
+        if t.save_checkpoint and (not written or t.ckpt_every == 0 or steps % t.ckpt_every):
             self.save(steps)
 
     def finish(self, loop: LoopState) -> dict:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from l2sp.engine import distributed
 from l2sp.engine.config import expand_path
 from l2sp.engine.rundir import RunDirectory
 from l2sp.engine.runner import Task, configure, pick_device, run_task, seed_everything
@@ -77,8 +78,16 @@ class TrainPairs(Dataset):
 
 
 def pixel_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The training loss: mean cross-entropy over the pixels whose label is not ``IGNORE_INDEX`` (255)."""
-    return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
+    """The training loss: mean cross-entropy over the pixels whose label is not ``IGNORE_INDEX`` (255).
+
+    Under DDP (N ranks) the mean is over the valid pixels of the *global* batch: rank r returns
+    Σ_{its pixels} ℓ / (V/N), V the valid pixels of all ranks (one all-reduce), so that DDP's average of the ranks'
+    gradients is the gradient of Σ ℓ / V, the one-process loss."""
+    if not distributed.current().distributed:
+        return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
+    share = distributed.mean((mask != IGNORE_INDEX).sum().float())  # V / N
+    total = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / share.clamp_min(1.0)
 
 
 class MainLogits(nn.Module):
