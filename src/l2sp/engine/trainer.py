@@ -161,7 +161,8 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Hook:
     """A callback of the training loop (detectron2's ``HookBase``): override what you need. ``trainer`` is the
     :class:`Trainer` (its ``model``, ``optimizer``, ``scheduler``, ``regularizer``), ``state`` the
-    :class:`LoopState` (``state.step`` = optimizer steps done)."""
+    :class:`LoopState` (``state.step`` = optimizer steps done). Under DDP hooks run on every rank
+    (``l2sp.engine.distributed.current().main`` tells rank 0, the one that should write files)."""
 
     def before_train(self, trainer: Trainer, state: LoopState) -> None:
         """Once, before the first step of this call (after a resume: its first step)."""
