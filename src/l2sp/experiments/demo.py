@@ -373,7 +373,8 @@ def run_demo(plan: Plan, out: str | Path = "runs/demo", *, workers: int | None =
     cache.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     say(f"l2sp demo ({plan.name}): Fashion-MNIST, source = 5 even labels, target = 5 odd labels, "
-        f"{plan.n_per_class} training images per class (L2 and L2-SP also at {plan.sizes}); fine-tuning "
+        f"{plan.n_per_class} training images per class ({', '.join(plan.size_kinds)} also at "
+        f"{[n for n in plan.sizes if n != plan.n_per_class]}); fine-tuning "
         f"{plan.steps} iterations of batch 64 (lr/10 after {plan.milestone}); {plan.run_count()} runs, "
         f"{workers} worker process(es)")
     if plan.name != "full":

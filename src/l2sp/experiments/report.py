@@ -23,7 +23,8 @@ from l2sp.penalties import get_penalty, penalty_names
 ORDER = [*penalty_names(), "l2+freeze", "l2-sp+freeze"]  # the registered penalties, then the freezing baselines
 RULE = ("A difference is called significant when the two-sided paired t-test over the shared seeds gives "
         "p < 0.05 (its 95% interval excludes 0); marked *. The exact sign-flip p is shown beside it: it assumes no "
-        "normality, but with n seeds it cannot go below 2/2ⁿ (0.0625 for 5 seeds), so it alone never reaches 0.05. "
+        "normality, but with n seeds it cannot go below 2/2ⁿ (0.0625 for 5 seeds), so with 5 seeds or fewer it "
+        "cannot reach 0.05 on its own. "
         "The comparisons are not corrected for multiplicity: the primary one is L2-SP − L2 at each training-set "
         "size; the others are secondary. This rule was fixed before any result was seen.")
 
@@ -317,15 +318,20 @@ def _all_pairs(final: list[dict], n_main: int) -> list[tuple[str, Any]]:
 
 def _header(plan: dict, source_acc: float, elapsed: float, workers: int, machine: str) -> list[str]:
     lrs = plan["lrs"][0] if len(plan["lrs"]) == 1 else f"chosen from {plan['lrs']}"
+    others = [n for n in plan["sizes"] if n != plan["n_per_class"]]
+    fisher = (f"Fisher: exact, {plan['fisher_examples']} source inputs." if any(k.endswith("fisher")
+              for k in plan["kinds"]) else "")
     return [
         "# l2sp demo: L2-SP and its family on the built-in Fashion-MNIST benchmark", "",
         f"- Machine: {machine}; {workers} worker process(es) of one thread; total time {elapsed / 60:.1f} min.",
         f"- Plan `{plan['name']}`: source = Fashion-MNIST labels 0,2,4,6,8 (all training images), target = "
-        f"labels 1,3,5,7,9; every penalty at {plan['n_per_class']} training images per class, L2 and L2-SP also at "
-        f"{plan['sizes']}; {plan['val_per_class']} validation images per class (from the training file), the "
+        f"labels 1,3,5,7,9; every penalty at {plan['n_per_class']} training images per class"
+        + (f", {' and '.join(label(k) for k in plan['size_kinds'])} also at {', '.join(map(str, others))}"
+           if others else "")
+        + f"; {plan['val_per_class']} validation images per class (from the training file), the "
         "official test images (5000).",
         f"- Source network: small ResNet pre-trained for {plan['source_steps']} iterations, source test "
-        f"accuracy {100 * source_acc:.2f}%. Fisher: exact, {plan['fisher_examples']} source inputs.",
+        f"accuracy {100 * source_acc:.2f}%. {fisher}",
         f"- Fine-tuning: SGD momentum 0.9, batch 64, {plan['steps']} iterations, lr {lrs}, /10 after "
         f"{plan['milestone']}; β = 0.01. α chosen for each (size, penalty) on the validation split by the mean of "
         f"{plan['grid_seeds']} seeds per grid point (seeds {100}..), then run with {plan['seeds']} other seeds "
