@@ -76,3 +76,17 @@ def test_paired_constant_difference():
     r = paired([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
     assert (r.mean, r.std, r.p_t, r.low, r.high) == (1.0, 0.0, 0.0, 1.0, 1.0)
     assert r.significant and str(r) == "+1.00 ± 0.00*"
+
+
+def test_pair_by_seed_matches_seeds_not_positions():
+    from l2sp.experiments.seeds import pair_by_seed
+
+    a = [{"seed": s, "test_acc": v} for s, v in ((2, 0.915), (0, 0.920), (1, 0.910), (7, 0.5))]
+    b = [{"seed": s, "test_acc": v} for s, v in ((0, 0.912), (1, 0.905), (2, 0.911), (9, 0.9))]
+    r = pair_by_seed(a, b)  # seeds 0, 1, 2 only, in seed order; in points
+    ref = scipy_stats.ttest_rel([92.0, 91.0, 91.5], [91.2, 90.5, 91.1])
+    assert r.n == 3 and r.mean == pytest.approx((0.8 + 0.5 + 0.4) / 3)
+    assert r.p_t == pytest.approx(ref.pvalue, rel=1e-9)
+    drop = pair_by_seed([{"seed": 0, "d": 3.0}, {"seed": 1, "d": 5.0}], [{"seed": 1, "d": 1.0}, {"seed": 0, "d": 2.0}],
+                        lambda r: r["d"], scale=1.0)
+    assert (drop.mean, drop.std) == (pytest.approx(2.5), pytest.approx(2 ** 0.5 * 1.5))
