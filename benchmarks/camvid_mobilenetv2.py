@@ -569,7 +569,14 @@ def figure(final: list[dict], camvid: str, out: Path, n_images: int) -> Path | N
             axes[i][j].set_axis_off()
             if i == 0:
                 axes[i][j].set_title(titles[j])
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    from l2sp.segmentation.data import CAMVID_COLORS, CAMVID_NAMES
+
+    fig.legend(handles=[Patch(color=[c / 255 for c in rgb], label=n) for n, rgb in zip(CAMVID_NAMES, CAMVID_COLORS,
+                                                                                        strict=True)],
+               loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = out / "camvid_predictions.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -615,8 +622,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--alphas-l2", default="1e-4,1e-3")
-    ap.add_argument("--alphas-l2sp", default="1e-3,1e-2,1e-1")
-    ap.add_argument("--lrs", default="0.01,0.003")
+    ap.add_argument("--alphas-l2sp", default="1e-2,1e-1,1")
+    ap.add_argument("--lrs", default="0.005,0.001")
     ap.add_argument("--select-seeds", default="0")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--source-per-class", type=int, default=10, help="Tiny ImageNet val images per class")
