@@ -454,9 +454,15 @@ def final_table(methods: dict[str, list[dict]]) -> tuple[str, str]:
     return "\n".join(main), "\n".join(per)
 
 
-def class_iou(rows: list[dict], k: int) -> str:
+def class_iou_mean(rows: list[dict], k: int) -> float | None:
+    """Mean IoU (%) of class ``k`` over the runs where it is defined (None: absent from every run's split)."""
     values = [100 * r["per_class_iou"][k] for r in rows if r["per_class_iou"][k] is not None]
-    return f"{statistics.mean(values):.1f}" if values else "—"
+    return statistics.mean(values) if values else None
+
+
+def class_iou(rows: list[dict], k: int) -> str:
+    value = class_iou_mean(rows, k)
+    return "—" if value is None else f"{value:.1f}"
 
 
 def paired_table(pairs: list[dict]) -> str:
@@ -514,7 +520,7 @@ def csv_tables(select: list[dict], final: list[dict]) -> tuple[list[dict], list[
         for key, get in (("drop1000", lambda r: r["source"]["drop"]),
                          ("drop200", lambda r: r["source"]["drop_restricted"])):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([get(r) for r in rs])
-        row.update({f"iou_{c}": class_iou(rs, k) for k, c in enumerate(rs[0]["classes"])})
+        row.update({f"iou_{c}": class_iou_mean(rs, k) for k, c in enumerate(rs[0]["classes"])})
         table.append(row)
     table += [{"row": "paired", "method": p["comparison"], "metric": p["metric"], "diff_mean": p["mean"],
                "diff_std": p["std"], "low": p["low"], "high": p["high"], "p_t": p["p_t"], "p_sign": p["p_sign"]}

@@ -101,6 +101,8 @@ def test_driver_end_to_end_resume_and_collect(bench, data, capsys):
     assert float(got["diff_mean"]) == pytest.approx(p.mean) and float(got["p_sign"]) == pytest.approx(p.p_sign)
     l2 = next(r for r in table if r["row"] == "method" and r["method"].startswith("L2 "))
     assert float(l2["miou_mean"]) == pytest.approx(50 * (by["l2", 0]["miou"] + by["l2", 1]["miou"]))
+    road = [by["l2", k]["per_class_iou"][3] for k in (0, 1)]  # class 3 = road, present in every test frame
+    assert float(l2["iou_road"]) == pytest.approx(50 * (road[0] + road[1]))
     assert len(list(csv.DictReader((out / "camvid_runs.csv").open()))) == 8
     png = (out / "camvid_predictions.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
