@@ -55,13 +55,13 @@ class KillRank1(Hook):
 
 
 def job(out: str, *, kill_at: int = 0, resume: bool = False) -> tuple[dict, list, float]:
-    """An L2-SP run of a tiny conv net (its own w0, new head in S̄) on a synthetic task, batch 8 (global).
-    Returns the results, the labels of every step's batch as the loss saw them, and Σ of the final weights."""
+    """An L2-SP run of a tiny conv net with dropout (its own w0, new head in S̄) on a synthetic task, batch 8
+    (global). Returns the results, the labels of every step's batch as the loss saw them, and Σ of the weights."""
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
                         nn.Linear(4 * 13 * 13, 7))
     w0 = l2sp.snapshot(net)
-    net[4] = nn.Linear(4 * 13 * 13, 3)
+    net[5] = nn.Linear(4 * 13 * 13, 3)
     data = synthetic_task(num_classes=3, n_train=40, n_val=12, n_test=24, seed=2)
     cfg = {"reg": {"kind": "l2-sp", "alpha": 0.1, "beta": 0.01},
            "optim": {"lr": 0.05, "batch_size": 8, "steps": STEPS, "milestones": [7]},
@@ -149,44 +149,52 @@ def _close(a: dict, b: dict, atol: float = 1e-4) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The one-process run of :func:`job`: weights, results and the labels of each step."""
+    """The labels of each step of :func:`job` in one process."""
     out = tmp_path_factory.mktemp("one") / "run"
     torch.set_num_threads(1)
-    results, seen, _ = job(str(out))
-    return _weights(out / "model.safetensors"), results, seen
+    return job(str(out))[1]
 
 
 @pytest.mark.slow
-def test_ddp_kill_and_resume_equals_one_process(tmp_path, reference):
-    """2 ranks (gloo): rank 1 SIGKILLed after step 6 (checkpoint at step 4) ends the job; --resume under DDP
-    finishes with the one-process weights (within 1e-4, identical on both ranks) and the same test accuracy on
-    both ranks; rank r trained on slice r (4 of the 8 examples) of the one-process batch of each step."""
-    out = tmp_path / "run"
+def test_ddp_kill_and_resume_equals_the_uninterrupted_run(tmp_path, reference):
+    """2 ranks (gloo), dropout in the net: rank 1 SIGKILLed after step 6 (checkpoint at step 4) ends the job;
+    --resume under DDP ends with exactly the weights and accuracy of an uninterrupted DDP run (each rank's RNG
+    stream restored), identical on both ranks; rank r trained on slice r (4 of the 8 examples) of the one-process
+    batch of every step."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert _torchrun(str(HERE / "test_distributed.py"), str(whole)).returncode == 0
     killed = _torchrun(str(HERE / "test_distributed.py"), str(out), "--kill-at", "6")
     assert killed.returncode != 0, killed.stderr[-2000:]
     assert not (out / "results.json").exists() and (out / "checkpoints" / "last.pt").is_file()
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     done = _torchrun(str(HERE / "test_distributed.py"), str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    ref_weights, ref_results, ref_seen = reference
-    _close(_weights(out / "model.safetensors"), ref_weights)
-    results = json.loads((out / "results.json").read_text())
-    assert results["test_acc"] == ref_results["test_acc"]
+    _close(_weights(out / "model.safetensors"), _weights(whole / "model.safetensors"), atol=0)
     ranks = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["test_acc"] for r in ranks] == [ref_results["test_acc"]] * 2 and ranks[0]["sum"] == ranks[1]["sum"]
-    assert [a + b for a, b in zip(ranks[0]["labels"], ranks[1]["labels"], strict=True)] == ref_seen[4:]
+    acc = json.loads((whole / "results.json").read_text())["test_acc"]
+    assert json.loads((out / "results.json").read_text())["test_acc"] == acc
+    assert [r["test_acc"] for r in ranks] == [acc, acc] and ranks[0]["sum"] == ranks[1]["sum"]
+    halves = [json.loads((tmp_path / f"whole.rank{r}.json").read_text())["labels"] for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves, strict=True)] == reference
+    assert [a + b for a, b in zip(ranks[0]["labels"], ranks[1]["labels"], strict=True)] == reference[4:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10, 10]  # one line per log step: rank 1 wrote none
 
 
 @pytest.mark.slow
 def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
-    """``torchrun -m l2sp finetune CONFIG``: the same weights, accuracy and logged losses as one process;
-    one TensorBoard file, the metrics written once, the result printed once."""
+    """``torchrun -m l2sp finetune CONFIG`` (L2-SP from a source file, new head): the same weights (within 1e-4),
+    accuracy and logged losses as one process; one TensorBoard file, the metrics written once, the result printed
+    once."""
+    from l2sp.io import save_tensors
+    from l2sp.models.small_resnet import small_resnet
+
+    torch.manual_seed(0)
+    save_tensors(tmp_path / "source.safetensors", small_resnet(num_classes=5).state_dict())
     config = {"data": {"task": "synthetic", "options": {"num_classes": 3, "n_train": 48, "n_test": 30,
                                                         "n_val": 12}},
-              "model": {"arch": "small_resnet", "weights": None},
-              "reg": {"kind": "l2", "alpha": 0.01}, "eval": {"splits": ["val", "test"]},
+              "model": {"arch": "small_resnet", "weights": str(tmp_path / "source.safetensors")},
+              "reg": {"kind": "l2-sp", "alpha": 0.1, "beta": 0.01}, "eval": {"splits": ["val", "test"]},
               "optim": {"lr": 0.05, "batch_size": 8, "steps": 6, "milestones": [4]},
               "train": {"log_every": 3, "ckpt_every": 0, "quiet": True, "tensorboard": True, "device": "cpu",
                         "bn": "frozen", "channels_last": False}}
