@@ -221,26 +221,30 @@ def plot_paired_differences(
     title: str = "Paired differences with their 95% intervals", xlabel: str = "training images per class",
     ylabel: str = "difference (points)",
 ) -> Path:
-    """One line per ``series``: the mean paired difference against ``x`` (log x), with its interval
-    ``[low, high]`` as error bars; filled markers where ``significant``, a dashed line at 0."""
+    """One panel per ``series`` (its own y scale): the mean paired difference against ``x`` (log x), with its
+    interval ``[low, high]`` as error bars; filled markers where ``significant``, a dashed line at 0."""
     names = list(dict.fromkeys(r[series] for r in rows))
     if not names:
         raise L2SPError("nothing to plot: no paired differences given")
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+    fig = Figure(figsize=(4.2 * len(names), 3.8))
     for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
         pts = sorted((float(r[x]), r["mean"], r["low"], r["high"], bool(r["significant"]))
                      for r in rows if r[series] == name)
         xs, m, lo, hi, sig = (np.array(c) for c in zip(*pts))
-        ax.errorbar(xs, m, yerr=[m - lo, hi - m], capsize=4, color=f"C{i}", label=str(name), marker="")
+        ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+        ax.errorbar(xs, m, yerr=[m - lo, hi - m], capsize=4, color=f"C{i}")
         ax.scatter(xs[sig], m[sig], color=f"C{i}", zorder=3, s=30)
         ax.scatter(xs[~sig], m[~sig], facecolor="white", edgecolor=f"C{i}", zorder=3, s=30)
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({float(r[x]) for r in rows}), [_label(v) for v in sorted({r[x] for r in rows})])
-    ax.minorticks_off()
-    return _finish(fig, ax, path, (xlabel + " (log scale)", ylabel + " (filled: p < 0.05)", title), legend=8,
-                   grid={})
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [_label(int(v) if v.is_integer() else v) for v in xs])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel + " (log scale)")
+        ax.set_ylabel(ylabel if i == 0 else "")
+        ax.set_title(str(name), fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title + " (filled: p < 0.05)", fontsize=10)
+    return save_figure(fig, path)
 
 
 def plot_layer_distance(
