@@ -196,8 +196,8 @@ def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
               "model": {"arch": "small_resnet", "weights": str(tmp_path / "source.safetensors")},
               "reg": {"kind": "l2-sp", "alpha": 0.1, "beta": 0.01}, "eval": {"splits": ["val", "test"]},
               "optim": {"lr": 0.05, "batch_size": 8, "steps": 6, "milestones": [4]},
-              "train": {"log_every": 3, "ckpt_every": 0, "quiet": True, "tensorboard": True, "device": "cpu",
-                        "bn": "frozen", "channels_last": False}}
+              "train": {"log_every": 3, "eval_every": 2, "ckpt_every": 0, "quiet": True, "tensorboard": True,
+                        "device": "cpu", "bn": "frozen", "channels_last": False}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     torch.set_num_threads(1)
@@ -210,9 +210,10 @@ def test_torchrun_cli_equals_one_process_and_rank0_writes(tmp_path):
     assert (res["test_acc"], res["val_acc"]) == (one["test_acc"], one["val_acc"])
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [x["step"] for x in ref] == [3, 6, 6]
-    for a, b in zip(lines[:2], ref[:2], strict=True):  # the global batch's mean loss, not rank 0's slice
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert [x["step"] for x in lines] == [x["step"] for x in ref] == [2, 3, 4, 6, 6]
+    for a, b in zip(lines[:4], ref[:4], strict=True):  # the global batch's mean loss, not rank 0's slice
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a.get("val_top1") == b.get("val_top1")
+    assert [x["step"] for x in lines if "val_top1" in x] == [2, 4, 6]  # validation on rank 0, every 2 steps
     assert len(list((two / "tb").glob("events.out.tfevents.*"))) == 1
     assert run.stdout.count("test_acc") == 1  # the result line printed by rank 0 only
 

@@ -203,8 +203,16 @@ class Runner:
                        channels_last=t.channels_last, forward=forward, regularizer=task.regularizer,
                        log_every=t.log_every, ckpt_every=t.ckpt_every if t.save_checkpoint else 0,
                        eval_every=getattr(t, "eval_every", 0), metrics_path=self.run.metrics if main else None,
-                       quiet=t.quiet or not main, save_checkpoint=self.save, validate=task.validate if main else None,
+                       quiet=t.quiet or not main, save_checkpoint=self.save, validate=self.validator(),
                        loss_fn=task.loss, hooks=task.hooks)
+
+    def validator(self) -> Callable[[], dict] | None:
+        """The task's validation on rank 0; on the other ranks a no-op called at the same steps (the log lines of
+        every rank, and the all-reduce of their losses, fall on the same steps)."""
+        validate = self.task.validate
+        if validate is None or self.main:
+            return validate
+        return dict
 
     def save(self, step: int) -> None:
         """The training state at ``step`` (model, optimizer, schedule, AMP scaler, Ω, RNG states), atomically;
