@@ -39,6 +39,7 @@ import torch
 
 from l2sp.errors import L2SPError
 from l2sp.experiments.seeds import mean_std
+from l2sp.penalties import get_penalty
 
 SOURCE_CLASSES = 5
 #: the α grids, per kind, fixed a priori from each penalty's gradient scale (α·d for the quadratic kinds, d ~
@@ -61,6 +62,11 @@ FULL_ALPHAS = {**ALPHAS, "l2-sp-fisher": [1e-3, 1e-2], "l1-sp": [1e-5, 1e-4], "g
 LR = 0.02
 BETA = 0.01  # "β = 0.01 was always picked" (the paper); β is varied only in the α/β heat map
 GRID_SEED0, FINAL_SEED0 = 100, 0  # selection runs use seeds 100, 101, ...; the final runs 0, 1, ...
+
+
+def _needs_fisher(kind: str) -> bool:
+    """The penalty of ``kind`` reads the source Fisher (demo kinds are registered penalties)."""
+    return get_penalty(kind).needs_fisher
 
 
 @dataclass
@@ -242,7 +248,7 @@ def _overrides(plan: Plan, weights: Path, fisher: Path | None, p: dict, final: b
         "name": "demo", "model.weights": str(weights), "model.options": plan.model_options,
         "data.n_per_class": p["n"], "data.val_per_class": plan.val_per_class,
         "reg.kind": p["kind"], "reg.alpha": p["alpha_used"], "reg.beta": p["beta"],
-        "reg.fisher": str(fisher) if p["kind"].endswith("fisher") else None,
+        "reg.fisher": str(fisher) if _needs_fisher(p["kind"]) else None,
         "optim.lr": p["lr"], "optim.steps": plan.steps, "optim.milestones": [plan.milestone],
         "train.seed": p["seed"], "train.device": "cpu", "train.freeze": p["freeze"], "train.tensorboard": False,
         "train.save_checkpoint": False, "train.ckpt_every": 0, "train.save_model": final,
@@ -285,7 +291,7 @@ class _Specs:
 
     def __call__(self, n: int, kind: str, alpha: float, lr: float, seed: int, *, beta: float = BETA,
                  freeze: int = 0, final: bool = False, label: str | None = None) -> dict:
-        scaled = alpha / self.fisher_mean if kind.endswith("fisher") else alpha
+        scaled = alpha / self.fisher_mean if _needs_fisher(kind) else alpha
         params = {"n": n, "kind": kind, "alpha": alpha, "alpha_used": scaled, "beta": beta, "lr": lr,
                   "freeze": freeze, "seed": seed}
         name = f"n{n}-{kind}-a{alpha:g}-b{beta:g}-lr{lr:g}-f{freeze}"
@@ -381,7 +387,7 @@ def run_demo(plan: Plan, out: str | Path = "runs/demo", *, workers: int | None =
         say(f"      {plan.name} mode: fewer iterations, grid points, kinds and seeds than `l2sp demo`; "
             "the numbers are indicative only")
     weights, source_acc = pretrain_source(plan, cache, out, say)
-    if any(k.endswith("fisher") for k in plan.kinds):
+    if any(_needs_fisher(k) for k in plan.kinds):
         fisher_path, fisher_mean = source_fisher(plan, weights, cache, say)
     else:
         fisher_path, fisher_mean = None, 1.0
