@@ -264,5 +264,33 @@ def test_torchrun_segment_smoke(tmp_path):
     assert steps == [1, 2, 2] and run.stdout.count("val mIoU") == 1
 
 
+@pytest.mark.slow
+def test_seeds_side_by_side_equal_one_after_the_other(tmp_path, capsys):
+    """``l2sp finetune CONFIG --seeds 3 --workers 2``: seeds 0, 2 in one spawned process and 1 in another give the
+    weights of the same seeds run one after the other, and the same table."""
+    from l2sp.cli import main
+    from l2sp.experiments.seeds import run_seeds
+
+    config = {"data": {"task": "synthetic", "options": {"num_classes": 3, "n_train": 32, "n_val": 9, "n_test": 9}},
+              "model": {"arch": "small_resnet", "weights": None, "options": {"widths": [4, 8, 8]}},
+              "reg": {"kind": "l2", "alpha": 0.01}, "optim": {"lr": 0.05, "batch_size": 8, "steps": 4},
+              "train": {"log_every": 2, "device": "cpu", "channels_last": False}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["finetune", str(path), "--seeds", "3", "--workers", "2", "--light", "--out",
+                 str(tmp_path / "par"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    torch.set_num_threads(1)
+    seq = run_seeds(str(path), 3, out=tmp_path / "seq", light=True)
+    for s in range(3):
+        _close(_weights(tmp_path / "par" / f"seed{s}" / "model.safetensors"),
+               _weights(tmp_path / "seq" / f"seed{s}" / "model.safetensors"), atol=0)
+        assert json.loads((tmp_path / "par" / f"seed{s}" / "results.json").read_text())["test_acc"] == \
+            seq[s]["test_acc"]
+    assert (tmp_path / "par" / "summary.md").is_file() and "| c | 3 |" in printed
+    assert main(["finetune", str(path), "--workers", "2"]) == 2
+    assert "l2sp: error: --workers 2 runs seeds side by side: give --seeds N too" in capsys.readouterr().err
+
+
 if __name__ == "__main__":
     _job_main()

@@ -55,6 +55,11 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="repeat with train.seed = 0..N-1 and write a mean ± std table (Markdown and CSV)",
     )
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="with --seeds: K seeds at once, one process each (default 1: one after the other)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="with --workers: GPUs round-robin, e.g. 0,1 (default CUDA_VISIBLE_DEVICES, else every GPU)")
+    p.add_argument("--threads", type=int, default=1, metavar="T", help="with --workers: torch threads per process")
     p.add_argument("--light", action="store_true", help="no checkpoints or TensorBoard (many short runs)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key, overrides applied) and exit")
@@ -73,6 +78,56 @@ def _print_config(cfg: object, args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_worker(config: str, overrides: dict, seeds: list[int], out: str, device: str | None, threads: int,
+                 resume: bool, overwrite: bool) -> None:
+    """One process of ``--seeds N --workers K``: its seeds one after the other, on its GPU, ``threads`` threads."""
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before CUDA starts in this process
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    from l2sp.experiments.seeds import run_seeds
+
+    torch.set_num_threads(threads)
+    try:
+        run_seeds(config, seeds, overrides, out=out, quiet=True, resume=resume, overwrite=overwrite)
+    except L2SPError as exc:
+        print(f"l2sp: error: seeds {seeds}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _parallel_seeds(args: argparse.Namespace, overrides: dict, seeds: list[int], out: Path) -> list[dict]:
+    """``--seeds N --workers K``: seed i in process i mod K (spawned; GPUs round-robin), then every result."""
+    import multiprocessing
+
+    from l2sp.engine.distributed import launched
+    from l2sp.engine.runner import read_results
+    from l2sp.search.workers import worker_devices
+
+    if args.workers < 1 or args.threads < 1 or launched().distributed:
+        raise L2SPError(f"--workers {args.workers} --threads {args.threads}: give numbers >= 1, and do not start "
+                        "--workers under torchrun")
+    k = min(args.workers, len(seeds))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_seed_worker, args=(args.config, overrides, seeds[i::k], str(out), dev,
+                                                    args.threads, args.resume, args.overwrite))
+             for i, dev in enumerate(worker_devices(k, args.devices))]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    failed = [f"seeds {seeds[i::k]}" for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise L2SPError(f"{', '.join(failed)} stopped early (see the messages above); run the same command with "
+                        "--resume to finish them")
+    return [read_results(out / f"seed{s}") for s in seeds]
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from l2sp.engine.run import finetune
     from l2sp.experiments.seeds import light_overrides, run_seeds, summarize
@@ -89,15 +144,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
         cfg = resolve(args.config, ov)
         out = Path(args.out) if args.out else Path("runs") / cfg.name
-        results = run_seeds(
-            cfg,
-            args.seeds,
-            task=None,
-            out=out,
-            quiet=args.quiet,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
+        if args.workers != 1:
+            results = _parallel_seeds(args, ov, list(range(args.seeds)), out)
+        else:
+            results = run_seeds(cfg, args.seeds, task=None, out=out, quiet=args.quiet, resume=args.resume,
+                                overwrite=args.overwrite)
         from l2sp.engine.distributed import launched
 
         if not launched().main:  # under torchrun each seed's run is data-parallel; rank 0 writes the table
@@ -107,6 +158,8 @@ def _finetune(args: argparse.Namespace) -> int:
         print(summarize({cfg.name: results}, out / "summary"), end="")
         _print(f"table: {out / 'summary.md'}, {out / 'summary.csv'}", args.quiet)
         return 0
+    if args.workers != 1:
+        raise L2SPError(f"--workers {args.workers} runs seeds side by side: give --seeds N too")
     r = finetune(
         args.config,
         ov,
