@@ -97,6 +97,15 @@ def test_global_batch_must_split_over_ranks():
     assert distributed.current() == distributed.Rank() and not distributed.current().distributed
 
 
+def test_device_of_a_rank(monkeypatch):
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Rank(3, 4, 1))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert distributed.device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(L2SPError, match=r"^train.device=cuda:0 puts every rank on the same GPU; .*"):
+        distributed.device(torch.device("cuda", 0))
+
+
 def test_run_refuses_a_global_batch_that_does_not_split_before_writing(tmp_path, monkeypatch):
     """Under 2 ranks, optim.batch_size=9 stops the run before the run directory is claimed."""
     monkeypatch.setattr(distributed, "current", lambda: distributed.Rank(0, 2, 0))

@@ -93,11 +93,15 @@ def session(device_name: str = "auto") -> Iterator[Rank]:
 
 
 def device(dev: torch.device) -> torch.device:
-    """Under a process group, ``cuda`` (no index) becomes the GPU of this process's local rank."""
+    """Under a process group, ``cuda`` (no index) becomes the GPU of this process's local rank; ``cuda:N`` (one
+    GPU for every rank) is refused."""
     r = current()
-    if r.distributed and dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", r.local % max(torch.cuda.device_count(), 1))
-    return dev
+    if not r.distributed or dev.type != "cuda":
+        return dev
+    if dev.index is not None:
+        raise L2SPError(f"train.device={dev} puts every rank on the same GPU; under torchrun use train.device=cuda "
+                        "or auto (rank r takes GPU LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", r.local % max(torch.cuda.device_count(), 1))
 
 
 def local_batch(batch_size: int, world: int | None = None) -> int:
