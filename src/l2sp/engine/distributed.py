@@ -1,7 +1,7 @@
 """Data-parallel training under ``torchrun`` (DistributedDataParallel), used by the one runner.
 
 ``torchrun --nproc_per_node=N -m l2sp finetune CONFIG`` starts N processes with ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` set; :func:`session` then creates the process group (NCCL on CUDA, gloo on CPU), gives each
+``LOCAL_RANK`` set; :func:`process_group` then creates the process group (NCCL on CUDA, gloo on CPU), gives each
 process the GPU of its local rank and destroys the group at the end (also after an error).
 
 The numbers do not depend on the number of processes N: ``optim.batch_size`` = B is the global batch; every
@@ -74,7 +74,7 @@ def _backend(device_name: str) -> str:
 
 
 @contextmanager
-def session(device_name: str = "auto") -> Iterator[Rank]:
+def process_group(device_name: str = "auto") -> Iterator[Rank]:
     """The process group of a torchrun job for the duration of a run (nothing without one, or when the caller
     already made a group): NCCL when ``train.device`` may use CUDA, else gloo; destroyed at the end."""
     r = launched()

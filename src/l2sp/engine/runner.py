@@ -299,7 +299,7 @@ def run_task(cfg: Any, run: RunDirectory, build: Callable[[], tuple[Task, torch.
     """Claim the run directory, build the task (``build() -> (task, device)``) and fit it: the steps every
     ``finetune_X`` shares. Under torchrun, inside the job's process group: rank 0 claims the directory (its
     error or a finished run's results reach every rank), every rank builds the same task and trains."""
-    with distributed.session(cfg.train.device):
+    with distributed.process_group(cfg.train.device):
         distributed.local_batch(cfg.optim.batch_size)
         finished = distributed.on_main(lambda: run.claim(cfg, resume=resume, overwrite=overwrite))
         if finished is not None:
