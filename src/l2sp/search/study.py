@@ -16,7 +16,7 @@ from l2sp.search.spec import SearchSpec
 CONFIG_ATTR = "l2sp:config"
 SPACE_ATTR = "l2sp:space"
 POINT_ATTR = "l2sp:point"  # a grid trial's values (user attribute): any YAML value, and the grid may grow later
-STARTED_ATTR = "l2sp:started"  # host:pid, set when a trial's objective starts (its heartbeats run by then)
+STARTED_ATTR = "l2sp:started"  # host:pid, set right after a trial's first heartbeat
 
 
 def _optuna() -> Any:
@@ -45,7 +45,7 @@ def open_storage(url: str, heartbeat: int) -> Any:
     key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = _storage_class()(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **{key: requeue}
         )
     except ImportError as exc:
@@ -57,6 +57,31 @@ def open_storage(url: str, heartbeat: int) -> Any:
     if url.startswith("sqlite"):
         _serialize_sqlite(storage.engine)
     return storage
+
+
+def _storage_class() -> type:
+    """Optuna's RDB storage that marks a trial ``l2sp:started`` (host:pid) once its first heartbeat is stored:
+    a running trial without the mark has no heartbeat, so Optuna would never find it stale (:func:`fail_orphans`)."""
+    import os
+    import socket
+
+    optuna = _optuna()
+
+    class Storage(optuna.storages.RDBStorage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.l2sp_marked: set[int] = set()
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            super().record_heartbeat(trial_id)
+            if trial_id not in self.l2sp_marked:
+                try:
+                    self.set_trial_user_attr(trial_id, STARTED_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+                self.l2sp_marked.add(trial_id)
+
+    return Storage
 
 
 def _serialize_sqlite(engine: Any) -> None:
@@ -204,8 +229,8 @@ def requeue_interrupted(study: Any) -> int:
 
 def fail_orphans(study: Any, grace: float) -> int:
     """Optuna fails a running trial once its heartbeats stop, but a trial whose process died after taking it
-    and before its first heartbeat has none and would stay "running" forever. A running trial whose objective
-    never started (no ``l2sp:started``) for ``grace`` seconds is failed and queued again here."""
+    and before its first heartbeat has none and would stay "running" forever. A running trial without a
+    heartbeat (no ``l2sp:started``) for ``grace`` seconds is failed and queued again here."""
     optuna = _optuna()
     now, failed = datetime.now(), 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

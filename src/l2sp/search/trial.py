@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from l2sp.engine.config import Config, resolve
 from l2sp.engine.run import build_task, finetune
 from l2sp.errors import L2SPError
 from l2sp.search.spec import SearchSpec
-from l2sp.search.study import POINT_ATTR, STARTED_ATTR, NotQueued
+from l2sp.search.study import POINT_ATTR, NotQueued
 
 
 def last_validation(metrics: Path, step: int) -> float | None:
@@ -85,7 +83,6 @@ class TrialRunner:
         return dict(point)
 
     def __call__(self, trial: Any) -> float:
-        trial.set_user_attr(STARTED_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         params = self.params(trial)
         run_dir = self.spec.trial_dir(params)
         trial.set_user_attr("run_dir", str(run_dir))
