@@ -9,10 +9,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from l2sp.errors import L2SPError
+from l2sp.errors import L2SPError, guarded
 from l2sp.fisher import METHODS as FISHER_METHODS
 
 CONFIG_HELP = "a preset name (see `l2sp presets`) or a YAML file"
@@ -394,22 +394,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _missing(module: str) -> int:
     raise L2SPError(f"this installation has no {module}; reinstall l2sp")
-
-
-def guarded(command: Callable[[], int | None]) -> int:
-    """Run ``command()`` as the ``l2sp`` command does: an :class:`L2SPError` prints ``l2sp: error: <message>``
-    (one line, no traceback) and gives status 2, Ctrl-C 130, a closed output pipe 0."""
-    try:
-        return int(command() or 0)
-    except L2SPError as exc:
-        print(f"l2sp: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("l2sp: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

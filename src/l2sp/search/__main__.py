@@ -6,21 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from l2sp.errors import L2SPError
+from l2sp.errors import guarded
 from l2sp.search.command import add_arguments, main
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="l2sp search", description="hyper-parameter search on the validation split")
     add_arguments(parser)
-    try:
-        return main(parser.parse_args(argv))
-    except L2SPError as exc:
-        print(f"l2sp: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("l2sp: interrupted", file=sys.stderr)
-        return 130
+    return guarded(lambda: main(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
