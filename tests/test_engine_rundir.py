@@ -58,6 +58,31 @@ def test_overwrite_refuses_a_folder_l2sp_did_not_make(cfg, tmp_path, capsys):
     assert (proj / "config.yaml").read_text() == "services: {}\n"
 
 
+def test_a_plain_run_refuses_a_folder_holding_a_file_of_a_runs_name(cfg, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "results.json").write_text('{"mine": 1}')
+    (proj / "notes.txt").write_text("keep")
+    assert main(["finetune", str(cfg), "--out", str(proj), "-q"]) == 2
+    one_line_error(capsys, "results.json", "did not write", MANIFEST)
+    assert not (proj / MANIFEST).exists()  # not claimed, so a later --overwrite is refused too
+    assert main(["finetune", str(cfg), "--out", str(proj), "--overwrite", "-q"]) == 2
+    one_line_error(capsys, "did not write")
+    assert (proj / "results.json").read_text() == '{"mine": 1}' and (proj / "notes.txt").read_text() == "keep"
+
+
+def test_a_half_written_metrics_line_does_not_block_resume(cfg, tmp_path):
+    out = tmp_path / "run"
+    full = finetune(str(cfg), out=str(out))
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    (out / "results.json").unlink()  # as if killed after the last checkpoint, while appending a line
+    metrics.write_text("\n".join(lines[:2]) + '\n{"step": 5, "lo')
+    again = finetune(str(cfg), out=str(out), resume=True)
+    assert again["test_acc"] == full["test_acc"] and again["steps"] == full["steps"]
+    assert all(json.loads(ln) for ln in metrics.read_text().splitlines())
+
+
 def test_overwrite_keeps_the_users_files_in_a_run_directory(cfg, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["finetune", str(cfg), "--out", str(run), "-q"]) == 0

@@ -33,11 +33,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state` (its tensors wherever the checkpoint was mapped: RNG states live on the CPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np_state = (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
+    np_state = (name, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
     np.random.set_state(np_state)  # noqa: NPY002
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))

@@ -36,6 +36,15 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return f"{where or 'the record'}: {_short(a)} recorded, {_short(b)} now"
 
 
+def _record(line: str) -> dict | None:
+    """One ``metrics.jsonl`` line, or None for a blank line or one a kill cut short."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _short(v: Any) -> str:
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -100,6 +109,7 @@ class RunDirectory:
             self._delete_own()
             return
         if not self.config.is_file():
+            self._refuse_foreign_outputs()
             return
         old = self._saved_config()
         if not self.started():
@@ -122,6 +132,16 @@ class RunDirectory:
                 raise
             raise L2SPError(f"{self.path} holds a config.yaml l2sp did not write (no {MANIFEST}; {exc}); "
                             "choose another --out") from exc
+
+    def _refuse_foreign_outputs(self) -> None:
+        """A folder without the mark that already holds a file of a run's name is not l2sp's: a run would
+        overwrite it (and ``--overwrite`` would later delete it)."""
+        if self.manifest.is_file():
+            return
+        clash = [name for name in WRITTEN if (self.path / name).exists()]
+        if clash or any(self.path.glob(TB_EVENTS)):
+            raise L2SPError(f"{self.path} already holds {(clash or [TB_EVENTS])[0]}, which l2sp did not write "
+                            f"there (no {MANIFEST}); choose another --out")
 
     def _delete_own(self) -> None:
         """Delete what a run writes (and TensorBoard's events, and orphaned temporary files), nothing else."""
@@ -168,7 +188,7 @@ class RunDirectory:
         if not self.metrics.is_file():
             return
         keep = [ln for ln in self.metrics.read_text(encoding="utf-8").splitlines()
-                if ln and json.loads(ln).get("step", 0) <= step]
+                if (record := _record(ln)) is not None and record.get("step", 0) <= step]
         atomic_write_text(self.metrics, "".join(ln + "\n" for ln in keep))
 
     def append_metrics(self, record: dict) -> None:

@@ -235,7 +235,7 @@ class Runner:
         """Load the last checkpoint into the run (RNG states last); returns its step. Every rank reads the file
         rank 0 wrote (several machines: the run directory on a shared filesystem)."""
         path, reg, scaler = self.run.checkpoint, self.task.regularizer, self.trainer.scaler
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location="cpu")  # load_state_dict moves each tensor to its place
         try:
             self.task.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -26,8 +26,11 @@ def last_validation(metrics: Path, step: int) -> float | None:
         return None
     value = None
     for line in metrics.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if rec.get("step") == step and "val_top1" in rec:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # blank, or cut short by a kill
+            continue
+        if isinstance(rec, dict) and rec.get("step") == step and "val_top1" in rec:
             value = rec["val_top1"]
     return value
 
