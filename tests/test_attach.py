@@ -313,3 +313,23 @@ def test_decoupled_follows_a_parameter_group_added_after_attach():
     opt.step()
     for p, b in zip(head, before):  # β/2‖w‖² on the new head: w ← w − lr·β·w
         torch.testing.assert_close(p.detach(), b * (1 - 0.5 * 0.05), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "proximal"])
+def test_lr_followed_after_optimizer_load_state_dict(mode):
+    """load_state_dict replaces the optimizer's group dicts: the penalty must read the new groups' lr."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    w0 = {"w": torch.zeros(3, dtype=torch.float64)}
+    model = torch.nn.Module()
+    model.w = w
+    reg = l2sp.regularizer("l2-sp", model, w0, alpha=1.0, beta=0.0)
+    opt = torch.optim.SGD([w], lr=0.0)
+    reg.attach(opt, mode=mode)
+    w.grad = torch.zeros_like(w)
+    opt.step()  # lr 0: nothing moves, the handle has cached the groups
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["lr"] = 0.5
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    expected = 0.5 if mode == "decoupled" else 1 / 1.5  # w − lr·α·w, or w / (1 + lr·α)
+    torch.testing.assert_close(w.detach(), torch.full((3,), expected, dtype=torch.float64))

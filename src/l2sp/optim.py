@@ -102,7 +102,8 @@ class RegularizerHandle:
     def _group_blocks(self) -> list[tuple[dict, Any]]:
         """One block per optimizer parameter group (rebuilt after the regularizer moved, or groups changed)."""
         reg, groups = self.regularizer, self.optimizer.param_groups
-        key = (reg.version, len(groups))  # add_param_group appends a group
+        # add_param_group appends a group; load_state_dict replaces every group dict (their lr with them)
+        key = (reg.version, *map(id, groups))
         if key != self._key:
             blocks = [(g, reg.block(g["params"])) for g in groups]
             self._blocks = [(g, b) for g, b in blocks if b is not None]
