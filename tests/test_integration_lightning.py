@@ -16,8 +16,9 @@ ALPHA, BETA, LR = 0.5, 0.05, 0.1
 
 
 class Lit(L.LightningModule):
-    def __init__(self, manual_callback=None):
+    def __init__(self, manual_callback=None, fused=False):
         super().__init__()
+        self.fused = fused
         self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
         self.manual_callback = manual_callback
         self.automatic_optimization = manual_callback is None
@@ -34,7 +35,7 @@ class Lit(L.LightningModule):
         opt.step()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9, fused=self.fused or None)
 
 
 def make_module(**kw):
@@ -136,13 +137,15 @@ def test_bf16_mixed_equals_the_plain_loop_under_the_same_autocast(tmp_path):
     assert max_diff(lit, plain_loop(*make_module(), autocast=True, penalty=False)) > 2e-2
 
 
-def test_16_mixed_with_a_grad_scaler_adds_the_penalty_to_unscaled_gradients(tmp_path):
-    """Lightning unscales before on_before_optimizer_step: the same as scaling loss + reg() in a plain loop."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_16_mixed_with_a_grad_scaler_adds_the_penalty_to_unscaled_gradients(tmp_path, fused):
+    """Lightning unscales before on_before_optimizer_step (a fused optimizer unscales inside its step, so ∇Ω is
+    added times the loss scale there): the same as scaling loss + reg() in a plain loop."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    lit, w0 = make_module()
+    lit, w0 = make_module(fused=fused)
     model = copy.deepcopy(lit)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, fused=fused or None)
     reg = l2sp.regularizer("l2-sp", model, w0, alpha=ALPHA, beta=BETA)
     scaler = torch.amp.GradScaler("cpu")
     for _ in range(2):

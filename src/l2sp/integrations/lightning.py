@@ -121,7 +121,7 @@ class L2SP(PenaltyCallback, _pl.Callback):
         if self.log_penalty and _should_log(trainer):
             pl_module.log("l2sp/penalty", value(reg), on_step=True, on_epoch=False, batch_size=1)
         if self.settings["mode"] == "coupled":
-            reg.add_grad_()
+            reg.add_grad_(_grad_scale(trainer, optimizer))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -144,3 +144,13 @@ def _should_log(trainer: Any) -> bool:
     """Whether Lightning writes its step logs at this step (its own ``log_every_n_steps`` cadence)."""
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+
+
+def _grad_scale(trainer: Any, optimizer: torch.optim.Optimizer) -> float:
+    """The factor the gradients still carry at ``on_before_optimizer_step``: Lightning unscales them first, except
+    for an optimizer that unscales inside its own step (``fused=True``), whose gradients carry the loss scale."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    inner = getattr(optimizer, "_optimizer", optimizer)
+    if scaler is None or not getattr(inner, "_step_supports_amp_scaling", False):
+        return 1.0
+    return float(scaler.get_scale())
