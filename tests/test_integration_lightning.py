@@ -322,3 +322,18 @@ def test_readme_lightning_block_runs_as_written(tmp_path, monkeypatch):
     exec(readme_blocks()[1], ns)
     assert ns["trainer"].global_step == 10 * len(loader())
     assert max_diff(ns["lit"].net, expected) <= 1e-5
+
+
+def test_checkpoint_keeps_the_w0_the_penalty_was_built_with(tmp_path):
+    """A source module that changes after the penalty was built must not leak into the reference saved in
+    checkpoints (nor may a source file that moved away break the save)."""
+    lit, w0 = make_module()
+    source = copy.deepcopy(lit)
+    callback = L2SP(source, "l2-sp", alpha=ALPHA, beta=BETA)
+    start = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    trainer(tmp_path, callbacks=[callback]).fit(lit, loader())
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)  # the user's source module changes after fitting started
+    saved = callback.state_dict()["w0"]
+    assert saved and all(torch.equal(saved[k], start[k]) for k in saved)

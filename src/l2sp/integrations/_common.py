@@ -71,13 +71,13 @@ def reference_state(reg: Regularizer, source: Any, fisher: Any) -> dict[str, Any
         return {"w0": None, "fisher": None}
     table = load_source(source)
     names = [strip_prefix(n) for n in reg.shared + reg.free]
-    w0 = {n: table[n].detach().cpu() for n in names}
+    w0 = {n: table[n].detach().to("cpu", copy=True) for n in names}  # a copy: the source may change later
     fis = None
     if fisher is not None:
         if isinstance(fisher, str | os.PathLike):
             fisher = fisher_io.load(fisher)
         ftable = {strip_prefix(k): v for k, v in fisher.items()}
-        fis = {strip_prefix(n): ftable[strip_prefix(n)].detach().cpu() for n in reg.shared}
+        fis = {strip_prefix(n): ftable[strip_prefix(n)].detach().to("cpu", copy=True) for n in reg.shared}
     return {"w0": w0, "fisher": fis}
 
 

@@ -61,7 +61,7 @@ class L2SP(PenaltyCallback, _pl.Callback):
                  mode: str = "coupled", log_penalty: bool = True, **options: Any):
         super().__init__(source, kind, alpha=alpha, beta=beta, fisher=fisher, include=include, mode=mode,
                          log_penalty=log_penalty, **options)
-        self._reference: tuple[Any, Any] = (source, fisher)  # what the current regularizer was built from
+        self._reference: dict[str, Any] = {}  # w0 and F of the current regularizer, taken when it was built
         self._restored: dict[str, Any] | None = None
         self._module: Any = None
         self._backward_seen = False
@@ -77,7 +77,7 @@ class L2SP(PenaltyCallback, _pl.Callback):
                 fisher = self._restored["fisher"]
         self._release()
         self.regularizer = build(pl_module, self.settings, source, fisher, _WHERE)
-        self._reference = (source, fisher)
+        self._reference = reference_state(self.regularizer, source, fisher)  # once: the source may change later
         if not pl_module.automatic_optimization:
             _utils.rank_zero_warn(
                 "L2SP: manual optimization, so the penalty is not applied for you; call "
@@ -129,7 +129,7 @@ class L2SP(PenaltyCallback, _pl.Callback):
         if self.regularizer is None:
             return dict(self._restored or {})
         settings = {k: self.settings[k] for k in _COMPARED}
-        return {"settings": settings, **reference_state(self.regularizer, *self._reference)}
+        return {"settings": settings, **self._reference}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's reference; rebuild at once if fitting already started (FSDP/DeepSpeed)."""
