@@ -135,5 +135,8 @@ def test_bad_options_are_one_line_errors():
         make(KIND, model, w0, alpha2=-1.0)
     with pytest.raises(l2sp.L2SPError, match="kind 'elastic-sp' has no option l1_ratio; its options: alpha2"):
         make(KIND, model, w0, l1_ratio=0.5)
+    class AnotherElastic(ElasticSP):  # another class under a taken name (the same class again would replace it)
+        pass
+
     with pytest.raises(l2sp.L2SPError, match="'elastic-sp' is already registered"):
-        l2sp.register_penalty(KIND)(ElasticSP)
+        l2sp.register_penalty(KIND)(AnotherElastic)

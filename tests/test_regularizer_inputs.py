@@ -70,3 +70,34 @@ def test_unchanged_or_frozen_model_is_silent():
         warnings.simplefilter("error")
         reg.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
         reg()
+
+
+def _define_and_register(name):
+    class Twice(l2sp.Penalty):
+        label = "twice"
+
+        def value(self, b, acc, exact):
+            return sum(torch.stack(torch._foreach_norm(b.diff(), 2, dtype=acc)).square())
+
+        def add_grad_(self, b, out, scale):
+            torch._foreach_add_(out, b.diff(), alpha=2 * self.alpha * scale)
+
+    return l2sp.register_penalty(name)(Twice)
+
+
+def test_a_notebook_cell_run_twice_registers_again_but_a_clash_is_refused():
+    from l2sp.penalties import get_penalty
+
+    first = _define_and_register("test-twice")
+    second = _define_and_register("test-twice")  # same module and qualified name: replaces the first
+    assert get_penalty("test-twice") is second and second is not first
+
+    class Other(l2sp.Penalty):
+        def value(self, b, acc, exact):
+            return torch.zeros((), dtype=acc)
+
+        def add_grad_(self, b, out, scale):
+            pass
+
+    with pytest.raises(L2SPError, match="already registered"):
+        l2sp.register_penalty("test-twice")(Other)

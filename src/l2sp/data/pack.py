@@ -106,7 +106,7 @@ def _decode_chunk(datas: list[torch.Tensor], device: torch.device) -> list[torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(datas, mode=ImageReadMode.UNCHANGED, device=device)
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)  # CMYK and gray files as RGB, as PIL does
     except RuntimeError:  # a file nvJPEG cannot read: decode this chunk on the host
         return [_decode_pil(d).to(device) for d in datas]
 

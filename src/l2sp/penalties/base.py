@@ -175,7 +175,9 @@ def register_penalty(name: str):
     def decorator(cls: type[Penalty]) -> type[Penalty]:
         if not (isinstance(cls, type) and issubclass(cls, Penalty)):
             raise L2SPError(f"register_penalty({name!r}) decorates a subclass of l2sp.Penalty, got {cls!r}")
-        if name in _REGISTRY:
+        old = _REGISTRY.get(name)
+        same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+        if old is not None and not same:  # (the same class defined again, a notebook cell run twice, replaces it)
             raise L2SPError(f"penalty kind {name!r} is already registered (by {_REGISTRY[name].__qualname__}); "
                             "choose another name")
         for method in ("value", "add_grad_") + (("prox_",) if cls.has_prox else ()):
