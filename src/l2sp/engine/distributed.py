@@ -14,6 +14,7 @@ Only rank 0 writes files; evaluation runs on rank 0 alone and its results are br
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,8 @@ def process_group(device_name: str = "auto") -> Iterator[Rank]:
     dist.init_process_group(backend, timeout=timeout)
     try:
         yield current()
+        gc.collect()  # a DDP wrapper still held by a reference cycle goes now, while its group lives, not at exit
+        dist.barrier()  # every rank has finished before any tears the group down
     finally:
         dist.destroy_process_group()
 
