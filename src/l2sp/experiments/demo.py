@@ -200,7 +200,9 @@ def pretrain_source(plan: Plan, cache: Path, out: Path, say) -> tuple[Path, floa
     overrides = {"optim.steps": plan.source_steps, "optim.milestones": [plan.source_steps * 3 // 4],
                  "model.options": plan.model_options, "train.device": "cpu", "train.tensorboard": False,
                  "train.save_checkpoint": False, "train.ckpt_every": 0, "eval.splits": ["test"]}
-    key = _digest(resolve("fashion-mnist-source", overrides).to_dict())
+    # one thread, like every run of the demo: the source weights (and all that follows) must not depend on the
+    # number of cores or on OMP_NUM_THREADS (2 threads train another network: reductions add in another order)
+    key = _digest({**resolve("fashion-mnist-source", overrides).to_dict(), "threads": 1})
     weights, info = cache / f"source-{key}.safetensors", cache / f"source-{key}.json"
     if weights.is_file() and info.is_file():
         acc = json.loads(info.read_text())["test_acc"]
@@ -386,12 +388,17 @@ def run_demo(plan: Plan, out: str | Path = "runs/demo", *, workers: int | None =
     if plan.name != "full":
         say(f"      {plan.name} mode: fewer iterations, grid points, kinds and seeds than `l2sp demo`; "
             "the numbers are indicative only")
-    weights, source_acc = pretrain_source(plan, cache, out, say)
-    if any(_needs_fisher(k) for k in plan.kinds):
-        fisher_path, fisher_mean = source_fisher(plan, weights, cache, say)
-    else:
-        fisher_path, fisher_mean = None, 1.0
-        say("[2/4] Fisher: not needed (no Fisher penalty in this plan)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see pretrain_source
+    try:
+        weights, source_acc = pretrain_source(plan, cache, out, say)
+        if any(_needs_fisher(k) for k in plan.kinds):
+            fisher_path, fisher_mean = source_fisher(plan, weights, cache, say)
+        else:
+            fisher_path, fisher_mean = None, 1.0
+            say("[2/4] Fisher: not needed (no Fisher penalty in this plan)")
+    finally:
+        torch.set_num_threads(threads)
     runner = Runner(workers)
     try:
         grid, extra, chosen, final = _train_all(plan, _Specs(plan, out, weights, fisher_path, fisher_mean),
