@@ -20,23 +20,6 @@ from l2sp.models import small_resnet
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture
-def cfg(tmp_path):
-    """A YAML config on the synthetic task with a local source checkpoint."""
-    torch.manual_seed(0)
-    src = tmp_path / "source.safetensors"
-    save_tensors(src, small_resnet(10, 1, widths=(8, 8, 16)).state_dict())
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"model: {{arch: small_resnet, weights: {src}, options: {{widths: [8, 8, 16]}}}}\n"
-        "data: {task: synthetic, options: {num_classes: 4, n_train: 96, n_val: 40, n_test: 40}}\n"
-        "reg: {kind: l2-sp, alpha: 0.1, beta: 0.01}\n"
-        "optim: {lr: 0.05, batch_size: 32, steps: 12, milestones: [8]}\n"
-        "train: {log_every: 4, ckpt_every: 4, tensorboard: false}\n"
-    )
-    return path
-
-
 def test_finetune_api_and_cli_agree(cfg, tmp_path, capsys):
     import l2sp
 
