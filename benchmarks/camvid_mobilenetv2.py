@@ -188,20 +188,6 @@ class SourceBatches:
             yield self.images[i:i + self.batch].float() / 127.5 - 1.0, self.labels[i:i + self.batch]
 
 
-def load_finetuned(path: Path) -> torch.nn.Module:
-    """The fine-tuned segmentation network of a finished run directory (its config and model.safetensors)."""
-    from l2sp.io import load_tensors
-    from l2sp.segmentation import build_segmentation_model, resolve_segmentation
-    from l2sp.segmentation.data import DATASETS
-
-    cfg = resolve_segmentation(str(path / "config.yaml"))
-    m = cfg.model
-    model = build_segmentation_model(m.name, len(DATASETS[cfg.data.dataset].classes), backbone=m.backbone,
-                                     output_stride=m.output_stride, bins=tuple(m.bins))
-    model.load_state_dict(load_tensors(path / "model.safetensors")[0])
-    return model.eval()
-
-
 def source_network(weights: str) -> torch.nn.Module:
     """The ImageNet classifier (torchvision's mobilenet_v2 with the local weights), eval mode."""
     import torchvision
@@ -243,42 +229,74 @@ def estimate_fisher(args: argparse.Namespace) -> None:
 def source_drop(path: Path, args: dict) -> dict:
     """``segmentation_source_drop`` of a finished run on the Tiny ImageNet validation images."""
     from l2sp.analysis.source_drop import segmentation_source_drop
+    from l2sp.segmentation import load_segmentation_run
 
     source = source_network(args["weights"])
     images, labels, present = source_images(args["tiny"], args["source_per_class"], args["source_size"])
-    r = segmentation_source_drop(load_finetuned(path), source, SourceBatches(images, labels),
+    r = segmentation_source_drop(load_segmentation_run(path)[0], source, SourceBatches(images, labels),
                                  indices=present)
     return {**r, "source_images": len(labels)}
 
 
 def run_job(job: tuple[Run, dict]) -> dict:
     """Train (or resume, or find finished) one run through the library, then its source drop (final runs);
-    writes and returns its row."""
+    writes and returns its row. A final run whose settings and seed were a selection run is that run's network
+    scored on the test split (``score_segmentation_run``), not trained again."""
     run, args = job
     torch.set_num_threads(args["threads"])
     from l2sp.engine.trainer import Diverged
-    from l2sp.segmentation import finetune_segmentation
+    from l2sp.segmentation import finetune_segmentation, score_segmentation_run
 
     out, rdir = Path(args["out"]), run_dir(Path(args["out"]), run)
-    done = (rdir / "results.json").is_file()
-    t0 = time.time()
-    row = {**asdict(run), "name": run.name, "split": run.split, "run_dir": str(rdir), "steps": args["steps"],
-           "settings": settings(args)}
-    try:
-        res = finetune_segmentation(preset(run, args), overrides(run, args), out=str(rdir), quiet=True,
-                                    resume=done or args["resume"])
-    except Diverged as exc:  # a selection point that diverges is a result (too high a rate), not a failure
-        if run.phase != "select":
-            raise
-        return write_row(out, run, {**row, "diverged": str(exc), "miou": None, "wall_s": time.time() - t0})
-    row.update({"wall_s": None if done else time.time() - t0, "train_time_s": res.get("train_time_s"),
-                "miou": res["val_miou"], "pixel_acc": res["val_pixel_acc"], "classes": res["val"]["classes"],
-                "per_class_iou": res["val"]["per_class_iou"]})
+    selected = selection_twin(out, run)
+    row = {**asdict(run), "name": run.name, "split": run.split, "steps": args["steps"], "settings": settings(args)}
+    if selected is not None:  # the same training as the selection run: its network, scored on test
+        rdir, twin = selected
+        test = score_segmentation_run(rdir, run.split)
+        row.update({"wall_s": twin.get("wall_s"), "train_s": twin.get("train_s"), "from_selection": True,
+                    "miou": test["miou"], "pixel_acc": test["pixel_acc"], "classes": test["classes"],
+                    "per_class_iou": test["per_class_iou"]})
+    else:
+        done, t0 = (rdir / "results.json").is_file(), time.time()
+        try:
+            res = finetune_segmentation(preset(run, args), overrides(run, args), out=str(rdir), quiet=True,
+                                        resume=done or args["resume"])
+        except Diverged as exc:  # a selection point that diverges is a result (too high a rate), not a failure
+            if run.phase != "select":
+                raise
+            return write_row(out, run, {**row, "run_dir": str(rdir), "diverged": str(exc), "miou": None,
+                                        "wall_s": time.time() - t0})
+        row.update({"wall_s": None if done else time.time() - t0, "train_s": training_seconds(rdir),
+                    "miou": res["val_miou"], "pixel_acc": res["val_pixel_acc"], "classes": res["val"]["classes"],
+                    "per_class_iou": res["val"]["per_class_iou"]})
+    row["run_dir"] = str(rdir)
     if run.phase == "final":
         t1 = time.time()
         row["source"] = source_drop(rdir, args)
         row["source_s"] = time.time() - t1
     return write_row(out, run, row)
+
+
+def training_seconds(rdir: Path) -> float | None:
+    """Seconds the run spent training, over all its calls: ``time`` (seconds since the call began) of the
+    metrics lines, summed over the calls (a resumed run's clock starts again at 0)."""
+    times = [json.loads(x).get("time") for x in (rdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+             if x.startswith("{") and x.endswith("}")]
+    total, last = 0.0, 0.0
+    for t in (t for t in times if t is not None):
+        total, last = (total + last, t) if t < last else (total, t)
+    return total + last if times else None
+
+
+def selection_twin(out: Path, run: Run) -> tuple[Path, dict] | None:
+    """(run directory, row) of the finished selection run a final run repeats (same penalty, α, rate, seed)."""
+    if run.phase != "final":
+        return None
+    twin = Run("select", run.kind, run.alpha, run.lr, run.seed)
+    path, rdir = row_path(out, twin), run_dir(out, twin)
+    if not path.is_file() or not (rdir / "results.json").is_file():
+        return None
+    return rdir, json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_row(out: Path, run: Run, row: dict) -> dict:
@@ -302,7 +320,7 @@ def execute(runs: list[Run], args: dict, workers: int) -> list[dict]:
     for run in runs:
         path = row_path(out, run)
         row = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if row is not None and ("diverged" in row or (run_dir(out, run) / "results.json").is_file()):
+        if row is not None and ("diverged" in row or (Path(row["run_dir"]) / "results.json").is_file()):
             rows.append(row)
         else:
             todo.append(run)
@@ -416,7 +434,7 @@ def paired_rows(methods: dict[str, list[dict]]) -> list[dict]:
 
 def selection_table(rows: list[dict], chosen: dict[str, dict]) -> str:
     """Markdown: every grid point's val mIoU (mean over its seeds) and wall time; the chosen ones in bold."""
-    lines = ["| penalty | α | lr | seeds | val mIoU % | wall min / run |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| penalty | α | lr | seeds | val mIoU % | train min / run |", "|---|---:|---:|---:|---:|---:|"]
     points: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (list(LABELS).index(r["kind"]), r["alpha"], r["lr"], r["seed"])):
         points.setdefault((r["kind"], r["alpha"], r["lr"]), []).append(r)
@@ -436,14 +454,14 @@ def selection_table(rows: list[dict], chosen: dict[str, dict]) -> str:
 
 
 def minutes(rows: list[dict]) -> str:
-    walls = [r["wall_s"] / 60 for r in rows if r.get("wall_s")]
+    walls = [r["train_s"] / 60 for r in rows if r.get("train_s")]
     return f"{statistics.mean(walls):.1f}" if walls else "—"
 
 
 def final_table(methods: dict[str, list[dict]]) -> tuple[str, str]:
     """Markdown: mIoU ± std, pixel accuracy, source drop per method; per-class IoU per method."""
     main = ["| method | seeds | test mIoU % | pixel acc % | source drop 1000-way (pts) | source drop 200-way (pts) "
-            "| wall min / run |", "|---|---:|---:|---:|---:|---:|---:|"]
+            "| train min / run |", "|---|---:|---:|---:|---:|---:|---:|"]
     classes = next(iter(methods.values()))[0]["classes"] if methods else []
     per = ["| method | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for name, rs in methods.items():
@@ -526,7 +544,7 @@ def csv_tables(select: list[dict], final: list[dict]) -> tuple[list[dict], list[
                "diff_std": p["std"], "low": p["low"], "high": p["high"], "p_t": p["p_t"], "p_sign": p["p_sign"]}
               for p in paired_rows(methods)]
     runs = [{k: r.get(k) for k in ("phase", "kind", "alpha", "lr", "seed", "split", "miou", "pixel_acc",
-                                   "wall_s", "train_time_s")}
+                                   "wall_s", "train_s")}
             | {f"iou_{c}": v for c, v in zip(r.get("classes", []), r.get("per_class_iou", []), strict=True)}
             | ({"drop1000": r["source"]["drop"], "drop200": r["source"]["drop_restricted"]} if "source" in r else {})
             for r in select + final]
@@ -550,7 +568,7 @@ def figure(final: list[dict], camvid: str, out: Path, n_images: int) -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from l2sp.segmentation import colorize, predict_probabilities
+    from l2sp.segmentation import colorize, load_segmentation_run, predict_probabilities
     from l2sp.segmentation.data import build_dataset
     from l2sp.segmentation.transforms import eval_transform
 
@@ -559,7 +577,7 @@ def figure(final: list[dict], camvid: str, out: Path, n_images: int) -> Path | N
     if not seeds or n_images < 1:
         return None
     rows = [by["l2"][seeds[0]], by["l2-sp"][seeds[0]]]
-    models = [load_finetuned(Path(r["run_dir"])) for r in rows]
+    models = [load_segmentation_run(r["run_dir"])[0] for r in rows]
     scale = rows[0]["settings"]["scale"]
     test = build_dataset("camvid", camvid, "test", transforms=eval_transform(normalization="half"))
     raw = build_dataset("camvid", camvid, "test")

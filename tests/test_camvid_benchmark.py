@@ -15,6 +15,8 @@ import torch
 
 from l2sp.analysis.paired import paired
 from l2sp.errors import L2SPError
+from l2sp.io import load_tensors
+from l2sp.segmentation import finetune_segmentation, score_segmentation_run
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "camvid_mobilenetv2.py"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -84,8 +86,22 @@ def test_driver_end_to_end_resume_and_collect(bench, data, capsys):
     assert len(select) == 4 and len(rows) == 4  # (L2, L2-SP) x 2 rates; (L2, L2-SP) x 2 seeds
     for row in [*select.values(), *rows.values()]:  # every row is its run directory's results.json
         res = json.loads((Path(row["run_dir"]) / "results.json").read_text())
-        assert row["miou"] == res["val_miou"] and res["val"]["split"] == row["split"]
-        assert res["val"]["images"] == 2 and row["wall_s"] > 0
+        assert res["val"]["images"] == 2 and row["wall_s"] > 0 and row["train_s"] > 0
+        if row.get("from_selection"):  # seed 0 at the chosen point: the selection run's network, scored on test
+            assert row["phase"] == "final" and row["seed"] == 0 and Path(row["run_dir"]).parent.name == "select"
+            assert row["miou"] == score_segmentation_run(row["run_dir"], "test")["miou"]
+        else:
+            assert row["miou"] == res["val_miou"] == res["miou"] and res["val"]["split"] == row["split"]
+    assert sorted(r["seed"] for r in rows.values() if r.get("from_selection")) == [0, 0]
+    # ... which is what training it again for the test split gives: the same weights, the same test mIoU
+    twin = next(r for r in rows.values() if r.get("from_selection"))
+    args = bench.job_args(bench.parser().parse_args(_argv(data, out)))
+    run = bench.Run("final", twin["kind"], twin["alpha"], twin["lr"], 0)
+    again = finetune_segmentation(bench.preset(run, args), bench.overrides(run, args), out=data["root"] / "again",
+                                  quiet=True)
+    assert again["val"]["split"] == "test" and again["val_miou"] == twin["miou"]
+    a, b = (load_tensors(Path(d) / "model.safetensors")[0] for d in (twin["run_dir"], data["root"] / "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert {r["split"] for r in rows.values()} == {"test"} and {r["split"] for r in select.values()} == {"val"}
     # the chosen point: the best val mIoU of each penalty; the final runs use it
     for kind in ("l2", "l2-sp"):

@@ -15,8 +15,17 @@ import torchvision
 from l2sp.cli import main
 from l2sp.errors import L2SPError
 from l2sp.io import atomic_torch_save, load_tensors, save_tensors
-from l2sp.segmentation import finetune_segmentation, resolve_segmentation, segmentation_presets
+from l2sp.segmentation import (
+    evaluate_segmentation,
+    finetune_segmentation,
+    load_segmentation_run,
+    resolve_segmentation,
+    score_segmentation_run,
+    segmentation_presets,
+)
+from l2sp.segmentation.data import build_dataset
 from l2sp.segmentation.run import setup_segmentation
+from l2sp.segmentation.transforms import eval_transform
 from test_segmentation_data import fake_cityscapes, fake_sbd  # the data tests' tiny dataset trees
 
 PRESETS = [f"cityscapes-{n}-{k}" for n in ("fcn", "resnet", "deeplab", "pspnet") for k in ("l2", "l2-sp")] + [
@@ -144,6 +153,35 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tree, tmp_path):
     base = 0.001
     for m in whole[:3]:  # poly: the step t (0-based) uses lr·(1 − t/T)^0.9
         assert m["lr"] == pytest.approx(base * (1 - (m["step"] - 1) / 3) ** 0.9, rel=1e-12)
+
+
+def test_a_finished_run_is_read_back_and_scored_on_another_split(tree, tmp_path):
+    out = tmp_path / "run"
+    res = finetune_segmentation("cityscapes-fcn-l2-sp", small(tree, **{"train.save_checkpoint": "true"}), out=out,
+                                quiet=True)
+    assert res["miou"] == res["val_miou"] == res["val"]["miou"] and 0 <= res["miou"] <= 1
+    model, cfg = load_segmentation_run(out)
+    assert not model.training and cfg.model.name == "fcn" and cfg.data.val_split == "val"
+    saved = load_tensors(out / "model.safetensors")[0]
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert score_segmentation_run(out, "val") == res["val"]  # the same network and images: the same scores
+
+    train = score_segmentation_run(out, "train")  # another split, checked against the metric by hand
+    images = build_dataset("cityscapes", tree["root"] / "cityscapes", "train", transforms=eval_transform())
+    by_hand = evaluate_segmentation(model, torch.utils.data.DataLoader(images, batch_size=1), 19)
+    assert train["split"] == "train" and train["images"] == 4 and train["miou"] == pytest.approx(by_hand["miou"])
+    assert train["per_class_iou"] == [None if v != v else pytest.approx(v) for v in by_hand["per_class_iou"]]
+    assert train["miou"] != res["miou"]
+
+    (out / "model.safetensors").unlink()  # the last checkpoint holds the same weights
+    assert score_segmentation_run(out, "val") == res["val"]
+    for bad, match in ((tmp_path, "no config.yaml"), (out, "holds no weights")):
+        if bad == out:
+            (out / "checkpoints" / "last.pt").unlink()
+        with pytest.raises(L2SPError, match=match) as err:
+            load_segmentation_run(bad)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

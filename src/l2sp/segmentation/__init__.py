@@ -36,6 +36,7 @@ from l2sp.segmentation.models import (
     reattach_classifier,
 )
 from l2sp.segmentation.run import finetune_segmentation
+from l2sp.segmentation.saved import load_segmentation_run, score_segmentation_run
 from l2sp.segmentation.schedule import poly_lr
 from l2sp.segmentation.transforms import RandomScale, eval_transform, train_transform
 
@@ -65,10 +66,12 @@ __all__ = [
     "finetune_segmentation",
     "freeze_bn_statistics",
     "load_backbone",
+    "load_segmentation_run",
     "poly_lr",
     "predict_probabilities",
     "reattach_classifier",
     "resolve_segmentation",
+    "score_segmentation_run",
     "scores",
     "segmentation_presets",
     "train_transform",

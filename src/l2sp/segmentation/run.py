@@ -222,17 +222,23 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def evaluate_run(s: SegmentationSetup) -> dict:
+def score(model: nn.Module, dataset: Dataset, classes: list[str], cfg: SegConfig, split: str,
+          device: torch.device) -> dict:
     """mIoU, pixel accuracy and per-class IoU (in the order of ``classes``, the train ids; None for a class
-    absent from labels and predictions) on ``data.val_split``, with the test scales and flips of ``eval``."""
-    e = s.cfg.eval
-    loader = DataLoader(s.val, batch_size=1, num_workers=s.cfg.data.num_workers,
-                        pin_memory=s.device.type == "cuda")
-    r = evaluate_segmentation(s.model, loader, len(s.classes), scales=tuple(e.scales), flip=e.flip)
-    val = {"miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"]),
-           "classes": list(s.classes), "per_class_iou": [_finite(v) for v in r["per_class_iou"]],
-           "images": len(s.val), "split": s.cfg.data.val_split, "scales": list(e.scales), "flip": e.flip}
-    return {"val": val, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"]}
+    absent from labels and predictions) of ``model`` on ``dataset`` (the ``split`` images), with the test
+    scales and flips of ``cfg.eval``."""
+    e = cfg.eval
+    loader = DataLoader(dataset, batch_size=1, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    r = evaluate_segmentation(model, loader, len(classes), scales=tuple(e.scales), flip=e.flip)
+    return {"miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"]), "classes": list(classes),
+            "per_class_iou": [_finite(v) for v in r["per_class_iou"]], "images": len(dataset), "split": split,
+            "scales": list(e.scales), "flip": e.flip}
+
+
+def evaluate_run(s: SegmentationSetup) -> dict:
+    """The scores of :func:`score` on ``data.val_split``: ``miou`` (in [0, 1]) and ``val`` (every score)."""
+    val = score(s.model, s.val, s.classes, s.cfg, s.cfg.data.val_split, s.device)
+    return {"miou": val["miou"], "val": val, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"]}
 
 
 def _announce(s: SegmentationSetup) -> str:
@@ -273,7 +279,9 @@ def finetune_segmentation(config: Any = None, overrides: list[str] | dict | None
 
     ``resume``: continue the run in the run directory from its last checkpoint. ``stop_after``: stop after
     that many steps of this call, with a checkpoint (as if killed). Returns the results (also
-    ``results.json``): ``val_miou``, ``val_pixel_acc`` and ``val["per_class_iou"]`` among others.
+    ``results.json``): ``miou`` (mIoU on ``data.val_split``, in [0, 1]; also ``val_miou``), ``val_pixel_acc`` and
+    ``val["per_class_iou"]`` among others. :func:`l2sp.segmentation.score_segmentation_run` scores the finished
+    run on another split.
     Under ``torchrun`` the run is data-parallel like :func:`l2sp.finetune` (see docs/scale.md).
     """
     cfg = configure(config, overrides, quiet=quiet, out=out, resolver=resolve_segmentation)
