@@ -179,3 +179,36 @@ def test_camvid_presets_resolve(head):
     else:
         assert (l2.optim.schedule, l2.optim.lr, l2.eval.scales, l2.eval.flip) == ("constant", 0.005, [1.0], False)
     assert len(DATASETS[l2.data.dataset].classes) == 11
+
+
+def test_the_documented_command_runs_resumes_after_a_kill_and_writes_miou(camvid, weights, tmp_path, capsys):
+    """``l2sp segment camvid-deeplab-mobilenetv2-l2-sp data.root=... model.checkpoint=...`` on 2 training frames
+    and 1 test frame at a quarter of the resolution, 3 steps: killed after 1 step (its checkpoint), resumed with
+    --resume, it ends with the weights of the uninterrupted run; results.json holds mIoU in [0, 1]."""
+    from l2sp.cli import main
+    from l2sp.io import load_tensors
+    from l2sp.segmentation import finetune_segmentation
+
+    root = tmp_path / "camvid"
+    for split, n in (("train", 2), ("test", 1)):
+        for image in sorted((camvid / split / "images").glob("*.jpg"))[:n]:
+            for sub, name in (("images", image.name), ("masks", f"{image.stem}.png")):
+                (root / split / sub).mkdir(parents=True, exist_ok=True)
+                (root / split / sub / name).symlink_to(camvid / split / sub / name)
+    preset = "camvid-deeplab-mobilenetv2-l2-sp"
+    ov = [f"data.root={root}", f"model.checkpoint={weights}", "data.crop=[48,64]", "data.scale_range=[0.25,0.25]",
+          "eval.scales=[0.25]", "eval.flip=false", "optim.batch_size=2", "optim.steps=3", "data.num_workers=0",
+          "train.log_every=1", "train.tensorboard=false"]
+    finetune_segmentation(preset, ov, out=tmp_path / "whole", quiet=True)
+    killed = finetune_segmentation(preset, [*ov, "train.ckpt_every=1"], out=tmp_path / "run", quiet=True,
+                                   stop_after=1)
+    assert killed["interrupted"] and not (tmp_path / "run" / "results.json").exists()
+    assert main(["segment", preset, *ov, "train.ckpt_every=1", "--out", str(tmp_path / "run"), "--resume", "-q"]) == 0
+    assert capsys.readouterr().out.startswith("val mIoU ")
+    a, b = (load_tensors(tmp_path / d / "model.safetensors")[0] for d in ("whole", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert res["miou"] == whole["miou"] == res["val"]["miou"] and 0 <= res["miou"] <= 1
+    assert res["val"]["split"] == "test" and res["val"]["images"] == 1 and len(res["val"]["per_class_iou"]) == 11
+    assert res["model"] == "deeplabv3" and res["backbone"] == "mobilenet_v2"
