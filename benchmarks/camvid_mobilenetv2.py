@@ -23,7 +23,7 @@ against the full-resolution 360×480 masks. Outputs in ``--out``: ``runs/{select
     OMP_NUM_THREADS=1 python benchmarks/camvid_mobilenetv2.py --camvid ../shared/data/camvid \\
         --tiny ../shared/data/tiny-imagenet --weights ../shared/weights/mobilenet_v2_imagenet.safetensors \\
         --out runs/camvid-cpu --workers 2 [--resume] [--fisher F.safetensors]
-    python benchmarks/camvid_mobilenetv2.py --collect runs/camvid-cpu [more dirs]   # the table, nothing trained
+    python benchmarks/camvid_mobilenetv2.py --collect runs/camvid-cpu [more dirs]   # the tables, nothing trained
 
 Rerunning the same command skips finished runs; ``--resume`` continues interrupted ones from their checkpoint.
 """
@@ -658,7 +658,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    ap.add_argument("--collect", nargs="+", metavar="DIR", help="train nothing: the table of the finished runs")
+    ap.add_argument("--collect", nargs="+", metavar="DIR",
+                    help="train nothing: the tables and figure of the finished runs, written to the first DIR")
     return ap
 
 
@@ -676,9 +677,10 @@ def check_numbers(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> str:
     """Run (or ``--collect``) the benchmark; returns the Markdown table (also printed and written)."""
     args = parser().parse_args(argv)
-    if args.collect:
+    if args.collect:  # the tables (and figure) of every finished run, written to the first folder
         select, final = collect(args.collect)
-        text = markdown(select, final)
+        text = write_outputs(Path(args.collect[0]), select, final)
+        figure(final, args.camvid, Path(args.collect[0]), args.figure_images)
         print(text)
         return text
     check_numbers(args)

@@ -143,10 +143,14 @@ def test_driver_end_to_end_resume_and_collect(bench, data, capsys):
     again = json.loads((out / "rows" / "final" / f"{victim['name']}.json").read_text())
     assert again["miou"] == pytest.approx(victim["miou"], abs=1e-12)
 
-    # --collect: the same table from the finished runs, nothing trained
+    # --collect: the same tables and figure from the finished runs, nothing trained
+    for name in ("camvid_table.md", "camvid_table.csv", "camvid_runs.csv", "camvid_predictions.png"):
+        (out / name).unlink()
     capsys.readouterr()
-    assert bench.main(["--collect", str(out)]) == text
+    assert bench.main(["--collect", str(out), "--camvid", str(data["camvid"]), "--figure-images", "2"]) == text
     assert "L2-SP (α 0.01" in capsys.readouterr().out
+    assert (out / "camvid_table.md").read_text() == text and (out / "camvid_predictions.png").stat().st_size > 5000
+    assert len(list(csv.DictReader((out / "camvid_runs.csv").open()))) == 8
 
 
 def test_one_line_errors_for_bad_paths(bench, data, tmp_path):
