@@ -5,7 +5,8 @@ phases, every run a run directory of :func:`l2sp.segmentation.finetune_segmentat
 ``camvid-{deeplab,fcn}-mobilenetv2-{l2,l2-sp}``):
 
 1. selection on the val split: for L2 and L2-SP, every α of ``--alphas-l2`` / ``--alphas-l2sp`` and learning
-   rate of ``--lrs``, ``--select-seeds``; the best val mIoU per penalty and its margin over the runner-up;
+   rate of ``--lrs``, ``--select-seeds``; the best val mIoU per penalty and its margin over the runner-up, and
+   every point's source-task drop (below);
 2. ``--seeds`` per penalty at the chosen settings, scored on the test split: mIoU and per-class IoU, the
    source-task drop of the backbone on Tiny ImageNet validation images (``segmentation_source_drop``: the
    1000-way ImageNet classifier re-attached, also restricted to the 200 Tiny ImageNet classes), and the paired
@@ -255,7 +256,8 @@ def run_job(job: tuple[Run, dict]) -> dict:
         test = score_segmentation_run(rdir, run.split)
         row.update({"wall_s": twin.get("wall_s"), "train_s": twin.get("train_s"), "from_selection": True,
                     "miou": test["miou"], "pixel_acc": test["pixel_acc"], "classes": test["classes"],
-                    "per_class_iou": test["per_class_iou"]})
+                    "per_class_iou": test["per_class_iou"]}
+                   | ({"source": twin["source"], "source_s": twin["source_s"]} if "source" in twin else {}))
     else:
         done, t0 = (rdir / "results.json").is_file(), time.time()
         try:
@@ -270,7 +272,7 @@ def run_job(job: tuple[Run, dict]) -> dict:
                     "miou": res["val_miou"], "pixel_acc": res["val_pixel_acc"], "classes": res["val"]["classes"],
                     "per_class_iou": res["val"]["per_class_iou"]})
     row["run_dir"] = str(rdir)
-    if run.phase == "final":
+    if "source" not in row:  # every run's forgetting: the selection grid compares α at a fixed rate
         t1 = time.time()
         row["source"] = source_drop(rdir, args)
         row["source_s"] = time.time() - t1
@@ -320,7 +322,8 @@ def execute(runs: list[Run], args: dict, workers: int) -> list[dict]:
     for run in runs:
         path = row_path(out, run)
         row = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if row is not None and ("diverged" in row or (Path(row["run_dir"]) / "results.json").is_file()):
+        if row is not None and ("diverged" in row or ("source" in row and (Path(row["run_dir"]) / "results.json")
+                                                      .is_file())):
             rows.append(row)
         else:
             todo.append(run)
@@ -434,7 +437,8 @@ def paired_rows(methods: dict[str, list[dict]]) -> list[dict]:
 
 def selection_table(rows: list[dict], chosen: dict[str, dict]) -> str:
     """Markdown: every grid point's val mIoU (mean over its seeds) and wall time; the chosen ones in bold."""
-    lines = ["| penalty | α | lr | seeds | val mIoU % | train min / run |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| penalty | α | lr | seeds | val mIoU % | source drop 1000 / 200-way (pts) | train min / run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     points: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (list(LABELS).index(r["kind"]), r["alpha"], r["lr"], r["seed"])):
         points.setdefault((r["kind"], r["alpha"], r["lr"]), []).append(r)
@@ -444,7 +448,10 @@ def selection_table(rows: list[dict], chosen: dict[str, dict]) -> str:
         ok = [100 * r["miou"] for r in rs if r["miou"] is not None]
         score = f"{bold}{pm(ok)}{bold}" + (f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else "") \
             if ok else "diverged"
-        lines.append(f"| {LABELS[kind]} | {a:g} | {lr:g} | {len(rs)} | {score} | {minutes(rs)} |")
+        src = [r["source"] for r in rs if "source" in r]
+        drop = (f"{statistics.mean(d['drop'] for d in src):.1f} / "
+                f"{statistics.mean(d['drop_restricted'] for d in src):.1f}") if src else "—"
+        lines.append(f"| {LABELS[kind]} | {a:g} | {lr:g} | {len(rs)} | {score} | {drop} | {minutes(rs)} |")
     for kind, c in chosen.items():
         margin = "no runner-up" if c["margin"] is None else (
             f"{c['margin']:+.2f} pts over α {c['runner_up']['alpha']:g}, lr {c['runner_up']['lr']:g}")

@@ -86,7 +86,7 @@ def test_driver_end_to_end_resume_and_collect(bench, data, capsys):
     assert len(select) == 4 and len(rows) == 4  # (L2, L2-SP) x 2 rates; (L2, L2-SP) x 2 seeds
     for row in [*select.values(), *rows.values()]:  # every row is its run directory's results.json
         res = json.loads((Path(row["run_dir"]) / "results.json").read_text())
-        assert res["val"]["images"] == 2 and row["wall_s"] > 0 and row["train_s"] > 0
+        assert res["val"]["images"] == 2 and row["wall_s"] > 0 and row["train_s"] > 0 and "drop" in row["source"]
         if row.get("from_selection"):  # seed 0 at the chosen point: the selection run's network, scored on test
             assert row["phase"] == "final" and row["seed"] == 0 and Path(row["run_dir"]).parent.name == "select"
             assert row["miou"] == score_segmentation_run(row["run_dir"], "test")["miou"]
