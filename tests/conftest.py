@@ -29,18 +29,28 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> Path:
-    """A YAML config on the synthetic task with a local source checkpoint (the CLI and search tests)."""
+def tiny_config(tmp_path: Path, widths=(8, 8, 16), classes: int = 4, sizes=(96, 40),
+                optim: str = "lr: 0.05, batch_size: 32, steps: 12, milestones: [8]",
+                train: str = "log_every: 4, ckpt_every: 4, tensorboard: false") -> Path:
+    """A YAML config on the synthetic task (``sizes`` = training, validation = test images) with a local source
+    checkpoint (a small ResNet of ``widths``), written in ``tmp_path``."""
     torch.manual_seed(0)
     src = tmp_path / "source.safetensors"
-    save_tensors(src, small_resnet(10, 1, widths=(8, 8, 16)).state_dict())
+    save_tensors(src, small_resnet(10, 1, widths=widths).state_dict())
     path = tmp_path / "tiny.yaml"
+    n_train, n_eval = sizes
     path.write_text(
-        f"model: {{arch: small_resnet, weights: {src}, options: {{widths: [8, 8, 16]}}}}\n"
-        "data: {task: synthetic, options: {num_classes: 4, n_train: 96, n_val: 40, n_test: 40}}\n"
+        f"model: {{arch: small_resnet, weights: {src}, options: {{widths: {list(widths)}}}}}\n"
+        f"data: {{task: synthetic, options: {{num_classes: {classes}, n_train: {n_train}, n_val: {n_eval}, "
+        f"n_test: {n_eval}}}}}\n"
         "reg: {kind: l2-sp, alpha: 0.1, beta: 0.01}\n"
-        "optim: {lr: 0.05, batch_size: 32, steps: 12, milestones: [8]}\n"
-        "train: {log_every: 4, ckpt_every: 4, tensorboard: false}\n"
+        f"optim: {{{optim}}}\n"
+        f"train: {{{train}}}\n"
     )
     return path
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    """The tiny synthetic-task config of the CLI and search tests."""
+    return tiny_config(tmp_path)

@@ -5,32 +5,21 @@ import json
 import os
 
 import pytest
-import torch
 
+from conftest import tiny_config
 from l2sp.cli import main
 from l2sp.engine.run import finetune
 from l2sp.engine.rundir import MANIFEST, first_difference
 from l2sp.engine.synthetic import synthetic_task
 from l2sp.errors import L2SPError
-from l2sp.io import save_tensors
-from l2sp.models import small_resnet
 
 
 @pytest.fixture
 def cfg(tmp_path):
-    """A YAML config on the synthetic task with a local source checkpoint (a few seconds per run)."""
-    torch.manual_seed(0)
-    src = tmp_path / "source.safetensors"
-    save_tensors(src, small_resnet(10, 1, widths=(4, 4, 8)).state_dict())
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"model: {{arch: small_resnet, weights: {src}, options: {{widths: [4, 4, 8]}}}}\n"
-        "data: {task: synthetic, options: {num_classes: 3, n_train: 48, n_val: 12, n_test: 12}}\n"
-        "reg: {kind: l2-sp, alpha: 0.1, beta: 0.01}\n"
-        "optim: {lr: 0.05, batch_size: 16, steps: 6, milestones: [4]}\n"
-        "train: {log_every: 2, ckpt_every: 2, tensorboard: false, device: cpu}\n"
-    )
-    return path
+    """A smaller synthetic-task config (a few seconds per run)."""
+    return tiny_config(tmp_path, widths=(4, 4, 8), classes=3, sizes=(48, 12),
+                       optim="lr: 0.05, batch_size: 16, steps: 6, milestones: [4]",
+                       train="log_every: 2, ckpt_every: 2, tensorboard: false, device: cpu")
 
 
 def one_line_error(capsys, *words: str) -> str:

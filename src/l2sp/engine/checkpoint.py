@@ -60,3 +60,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise L2SPError(
             f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); delete it and restart the run"
         ) from exc
+
+
+def final_weights(run_dir: str | Path, fix: str) -> dict[str, torch.Tensor]:
+    """The fine-tuned weights of a run directory: ``model.safetensors``, else the model of ``checkpoints/last.pt``
+    (the error, when neither exists, ends with ``fix``)."""
+    from l2sp.io import load_tensors
+
+    run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").is_file():
+        return load_tensors(run_dir / "model.safetensors")[0]
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise L2SPError(f"{run_dir} holds no weights (model.safetensors or checkpoints/last.pt); {fix}")
+    return load(run_dir / "checkpoints" / "last.pt")["model"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2sp.engine.checkpoint import load as load_checkpoint
+from l2sp.engine.checkpoint import final_weights
 from l2sp.engine.classification import Setup, build_task, classification_task, setup
 from l2sp.engine.config import expand_path, resolve, to_yaml
 from l2sp.engine.rundir import RunDirectory
@@ -109,19 +109,7 @@ class RunArtifacts:
 
     @cached_property
     def model(self) -> nn.Module:
-        from l2sp.io import load_tensors
-
-        path = self.run_dir / "model.safetensors"
-        if path.is_file():
-            state = load_tensors(path)[0]
-        else:
-            ckpt = self.run_dir / "checkpoints" / "last.pt"
-            if not ckpt.is_file():
-                raise L2SPError(
-                    f"{self.run_dir} holds no weights (model.safetensors or checkpoints/last.pt); "
-                    "re-run it with train.save_model=true"
-                )
-            state = load_checkpoint(ckpt)["model"]
+        state = final_weights(self.run_dir, "re-run it with train.save_model=true")
         import copy
 
         model = copy.deepcopy(self._built.model)

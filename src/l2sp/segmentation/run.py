@@ -101,6 +101,11 @@ class MainLogits(nn.Module):
         return segmentation_logits(self.model(x))
 
 
+def evaluation_set(d: SegDataConfig, root: str | Path, split: str) -> Dataset:
+    """``split`` of ``data.dataset`` under ``root``, with the evaluation transform (no augmentation)."""
+    return build_dataset(d.dataset, root, split, transforms=eval_transform(normalization=d.normalization))
+
+
 def build_datasets(d: SegDataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """(training set with the augmentation, validation set, class names) of ``data.dataset`` (a name of
     ``l2sp.segmentation.data.DATASETS``) under ``data.root``; inputs normalized by ``data.normalization``."""
@@ -112,7 +117,7 @@ def build_datasets(d: SegDataConfig) -> tuple[Dataset, Dataset, list[str]]:
     train_tf = train_transform(d.crop, scale_range=scale, flip=d.flip, normalization=d.normalization)
     try:
         train = build_dataset(d.dataset, root, d.train_split, transforms=train_tf, mode=d.mode)
-        val = build_dataset(d.dataset, root, d.val_split, transforms=eval_transform(normalization=d.normalization))
+        val = evaluation_set(d, root, d.val_split)
     except L2SPError as exc:
         raise L2SPError(f"data.root={root}: {exc}") from exc
     return train, val, list(DATASETS[d.dataset].classes)

@@ -13,32 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2sp.engine.checkpoint import load as load_checkpoint
+from l2sp.engine.checkpoint import final_weights
 from l2sp.engine.config import expand_path
 from l2sp.errors import L2SPError
 from l2sp.segmentation.config import SegConfig, resolve_segmentation
-from l2sp.segmentation.data import DATASETS, build_dataset
-from l2sp.segmentation.run import build_model, score
-from l2sp.segmentation.transforms import eval_transform
+from l2sp.segmentation.data import DATASETS
+from l2sp.segmentation.run import build_model, evaluation_set, score
 
 
 def load_segmentation_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, SegConfig]:
     """(the fine-tuned network in eval mode, the run's resolved config) of a run directory of
     :func:`l2sp.segmentation.finetune_segmentation`: ``model.safetensors``, else the last checkpoint."""
-    from l2sp.io import load_tensors
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise L2SPError(f"{run_dir} is not a run directory (no config.yaml); give the --out of an `l2sp segment` run")
     cfg = resolve_segmentation(str(run_dir / "config.yaml"))
-    weights, ckpt = run_dir / "model.safetensors", run_dir / "checkpoints" / "last.pt"
-    if weights.is_file():
-        state = load_tensors(weights)[0]
-    elif ckpt.is_file():
-        state = load_checkpoint(ckpt)["model"]
-    else:
-        raise L2SPError(f"{run_dir} holds no weights (model.safetensors or checkpoints/last.pt); finish the run "
-                        "with `l2sp segment ... --resume`")
+    state = final_weights(run_dir, "finish the run with `l2sp segment ... --resume`")
     model = build_model(cfg, len(DATASETS[cfg.data.dataset].classes), None)
     try:
         model.load_state_dict(state)
@@ -56,7 +46,7 @@ def score_segmentation_run(run_dir: str | Path, split: str, root: str | None = N
     d = cfg.data
     where = expand_path(root if root is not None else d.root)
     try:
-        data = build_dataset(d.dataset, where, split, transforms=eval_transform(normalization=d.normalization))
+        data = evaluation_set(d, where, split)
     except L2SPError as exc:
         raise L2SPError(f"{d.dataset} under {where}: {exc}") from exc
     return score(model, data, list(DATASETS[d.dataset].classes), cfg, split, torch.device(device))
